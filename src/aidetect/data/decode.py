@@ -1,0 +1,195 @@
+"""Decode any image file a scraped dataset may hold into an RGB array, once, as cheaply as possible.
+
+Large JPEGs are decoded reduced (libjpeg DCT scaling via PIL's draft mode) when the caller only needs
+a smaller image, so a 100 MP photo does not cost a full decode. A truncated JPEG is repaired by
+inpainting only the region the decoder never reached; anything else that cannot be decoded raises
+``UnreadableImage`` with a reason for the pack report.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Our own pixel budget replaces PIL's decompression-bomb check (see check_pixel_budget).
+Image.MAX_IMAGE_PIXELS = None
+
+SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+MAX_MISSING_FRACTION = 0.5
+
+
+class UnreadableImage(Exception):
+    """The file cannot be turned into a usable image; the message is the reason recorded in the manifest."""
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation applied
+    original_size: tuple[int, int]  # (width, height) as stored in the file
+    repair: str | None = None  # what was done to a truncated file, for the manifest (None = intact)
+
+
+def decode_image(
+    path: str | os.PathLike,
+    *,
+    long_side: int | None = None,
+    min_side: int = 32,
+    max_pixels: int = 250_000_000,
+    repair_truncated: bool = True,
+) -> DecodedImage:
+    """Decode ``path`` to RGB. With ``long_side``, JPEGs may be decoded reduced to no less than that."""
+    if os.path.getsize(path) == 0:
+        raise UnreadableImage("empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image: content is no image format Pillow can read") from None
+    except OSError as exc:
+        raise UnreadableImage(f"cannot open: {first_line(exc)}") from None
+    with image:
+        width, height = image.size
+        if min(width, height) < min_side:
+            raise UnreadableImage(f"too small: {width}x{height} px, shorter side under {min_side} px")
+        scale = reduced_decode_scale(image, long_side, max_pixels)
+        if scale > 1:
+            image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+        if load_intact(image, repair_truncated):
+            return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), (width, height))
+    pixels, repair = repair_truncated_jpeg(Path(path).read_bytes(), scale)
+    return DecodedImage(pixels, (width, height), repair=repair)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def reduced_decode_scale(image: Image.Image, long_side: int | None, max_pixels: int) -> int:
+    """1, 2, 4 or 8: how much libjpeg may scale down while decoding (enough for ``long_side``, or needed
+    to stay within the pixel budget). Raises for files over the budget that cannot be decoded reduced."""
+    width, height = image.size
+    scale = 1
+    if long_side is not None and image.format == "JPEG":
+        scale = min(8, 2 ** int(math.log2(max(1, max(width, height) // long_side))))
+    while (width // scale) * (height // scale) > max_pixels and scale < 8:
+        scale *= 2
+    if (width // scale) * (height // scale) > max_pixels or (scale > 1 and image.format != "JPEG"):
+        detail = "even at 1/8 scale" if image.format == "JPEG" else "and only JPEGs can be decoded reduced"
+        raise UnreadableImage(
+            f"over the pixel budget: {width}x{height} = {width * height / 1e6:.0f} MP > "
+            f"{max_pixels / 1e6:.0f} MP {detail} (raise --max-pixels to keep it)"
+        )
+    return scale
+
+
+def load_intact(image: Image.Image, repair_truncated: bool) -> bool:
+    """Load the pixels; False for a truncated JPEG that should be repaired, UnreadableImage otherwise."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", "Palette images with transparency"
+            image.load()
+        return True
+    except OSError as exc:
+        if "truncated" not in str(exc) and "broken data stream" not in str(exc):
+            raise UnreadableImage(f"cannot decode: {first_line(exc)}") from None
+        if image.format != "JPEG":
+            raise UnreadableImage(f"truncated {image.format} file: {first_line(exc)}") from None
+        if not repair_truncated:
+            raise UnreadableImage(f"truncated JPEG: {first_line(exc)}") from None
+        return False
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise UnreadableImage(f"cannot decode: {first_line(exc)}") from None
+
+
+def repair_truncated_jpeg(data: bytes, scale: int) -> tuple[np.ndarray, str]:
+    """Decode what a truncated JPEG holds and inpaint only the blocks the decoder never received.
+
+    The missing region is found by decoding twice: as stored, and with filler bytes appended. The
+    decoder runs through the image in MCU order, so the first MCU where the two decodes differ is the
+    first one the file did not hold; it and every MCU after it form the mask. Nothing else is marked:
+    black or grey image content is never mistaken for a hole.
+    """
+    as_stored = decode_truncated(data, scale)
+    if as_stored.info.get("progressive"):
+        # Every block of a progressive JPEG arrives in the first scan: nothing is missing, only detail.
+        return to_rgb(ImageOps.exif_transpose(as_stored)), "truncated progressive JPEG: decoded at lower detail"
+    filler = bytes(np.random.default_rng(0).integers(0, 255, len(data) + 4096, dtype=np.uint8))
+    with_filler = decode_truncated(data + filler, scale)
+    mask = missing_region_mask(np.asarray(as_stored) != np.asarray(with_filler), mcu_size(as_stored, scale))
+    fraction = float(mask.mean())
+    if fraction > MAX_MISSING_FRACTION:
+        raise UnreadableImage(f"truncated JPEG: {fraction:.0%} of the image is missing, too much to inpaint")
+    pixels = to_rgb(as_stored)
+    if fraction > 0:
+        # Navier-Stokes inpainting with radius 3, as the original project; the mask is the missing region only.
+        pixels = cv2.inpaint(pixels, mask.astype(np.uint8) * 255, 3, cv2.INPAINT_NS)
+    repaired = Image.fromarray(pixels)
+    repaired.info["exif"] = as_stored.info.get("exif", b"")  # keeps the orientation tag for the transpose
+    return np.asarray(ImageOps.exif_transpose(repaired)), f"truncated JPEG: inpainted the missing {fraction:.1%}"
+
+
+def decode_truncated(data: bytes, scale: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if scale > 1:
+        width, height = image.size
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        image.load()
+    except OSError as exc:
+        raise UnreadableImage(f"truncated JPEG, unrecoverable: {first_line(exc)}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return image
+
+
+def mcu_size(image: Image.Image, scale: int) -> int:
+    """Side of one JPEG MCU in decoded pixels: 8 x the largest sampling factor, divided by the draft scale."""
+    layers = getattr(image, "layer", None) or [("", 1, 1, 0)]
+    sampling = max(max(h, v) for _, h, v, _ in layers)
+    return max(1, 8 * sampling // scale)
+
+
+def missing_region_mask(differs: np.ndarray, mcu: int) -> np.ndarray:
+    """From the first MCU (in decode order) where most pixels differ between the two decodes, to the end.
+
+    "Most pixels": chroma upsampling smears a difference a pixel or two into neighbouring, intact MCUs.
+    """
+    height, width = differs.shape[:2]
+    differs = differs.reshape(height, width, -1).any(axis=2)
+    mask = np.zeros((height, width), dtype=bool)
+    for top in range(0, height, mcu):
+        band = differs[top : top + mcu]
+        for left in range(0, width, mcu):
+            if band[:, left : left + mcu].mean() > 0.5:
+                mask[top : top + mcu, left:] = True
+                mask[top + mcu :] = True
+                return mask
+    return mask
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode to 8-bit RGB: alpha composited on white, 16-bit scaled (not clipped) to 8-bit."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        deep = np.asarray(image, dtype=np.uint32)
+        top = 65535 if image.mode != "I" or deep.max() > 255 else 255
+        gray = (deep * 255 // top).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.asarray(image, dtype=np.float32).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)

@@ -1,0 +1,376 @@
+"""``aidetect pack``: decode every image once, preprocess it, and write WebDataset shards with fixed splits.
+
+Work is resumable at shard granularity: each shard is written under a temporary name and renamed
+when complete, and its record (which files it holds, what was skipped and why, its sha256) goes to
+``OUT/.pack-state/``. A re-run after an interruption keeps every complete shard and redoes the rest,
+and because encoding and tar headers are deterministic the result is byte-identical. The manifest is
+written last, atomically, and lists every file under SRC as packed, repaired or skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_image, first_line
+from aidetect.data.splits import assign_splits, hash_order_key, split_names
+from aidetect.data.transforms import PREPROCESS_MODES, preprocess
+from aidetect.errors import UserError
+from aidetect.fileio import atomic_write_json
+from aidetect.parallel import parallel_imap
+
+CLASSES = {"real": 0, "fake": 1}  # positive class = AI-generated
+MANIFEST = "manifest.json"
+STATE_DIR = ".pack-state"
+FORMAT = "aidetect-shards/1"
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    mode: str = "resize"
+    size: int = 256
+    codec: str = "jpeg"
+    quality: int = 95
+    seed: int = 0
+    test_fraction: float = 0.1
+    folds: int = 5
+    shard_size: int = 1000
+    max_pixels: int = 250_000_000
+    min_side: int = 32
+    on_truncated: str = "repair"
+
+    def validate(self) -> None:
+        checks = [
+            (self.mode in PREPROCESS_MODES, f"--mode must be one of {', '.join(PREPROCESS_MODES)}"),
+            (self.codec in ("jpeg", "png"), "--codec must be jpeg or png"),
+            (1 <= self.quality <= 100, "--quality must be between 1 and 100"),
+            (self.size >= 16, "--size must be at least 16"),
+            (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
+            (self.folds >= 1, "--folds must be at least 1"),
+            (self.shard_size >= 1, "--shard-size must be at least 1"),
+            (self.on_truncated in ("repair", "skip"), "--on-truncated must be repair or skip"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute
+    relpath: str  # relative to SRC, posix separators: the identity of a sample everywhere
+    class_name: str
+    source_test: bool  # lies in the source's own test folder (Kaggle layout)
+
+    @property
+    def key(self) -> str:
+        # WebDataset splits names at the first dot, so keys are hex digests of the path.
+        return hashlib.sha1(self.relpath.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    split: str
+    files: list[SourceFile]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Source scanning and planning
+
+
+def scan_source(src: Path) -> tuple[list[SourceFile], list[dict], str]:
+    """Every file under ``src``: image candidates by class, and the files skipped before decoding."""
+    if not src.is_dir():
+        raise UserError(f"{src}: source folder not found; pass a folder holding real/ and fake/ subfolders")
+    class_roots, layout = find_class_roots(src)
+    candidates, skipped = [], []
+    for relpath in sorted(walk_files(src)):
+        parts = relpath.split("/")
+        root = next((r for r in class_roots if parts[: len(r[0])] == r[0]), None)
+        if parts[-1].lower() in SYSTEM_FILES or parts[-1].startswith("._"):
+            skipped.append({"path": relpath, "reason": "system file, not an image"})
+        elif root is None:
+            skipped.append({"path": relpath, "reason": "not inside a class folder (real/ or fake/)"})
+        else:
+            _, class_name, source_test = root
+            candidates.append(SourceFile(str(src / relpath), relpath, class_name, source_test))
+    if not candidates and not skipped:
+        raise UserError(f"{src}: source folder holds no files; put images under {src}/real and {src}/fake")
+    return candidates, skipped, layout
+
+
+def find_class_roots(src: Path) -> tuple[list[tuple[list[str], str, bool]], str]:
+    """Class folders as (path parts, class name, is source test split); ImageFolder or Kaggle layout."""
+    if (src / "train").is_dir() and any((src / "train" / c).is_dir() for c in CLASSES):
+        roots = [([split, c], c, split == "test") for split in ("train", "test") for c in CLASSES]
+        present = [r for r in roots if (src.joinpath(*r[0])).is_dir()]
+        layout = "kaggle"
+    else:
+        present = [([c], c, False) for c in CLASSES if (src / c).is_dir()]
+        layout = "imagefolder"
+    found = {r[1] for r in present}
+    if found != set(CLASSES):
+        seen = sorted(p.name for p in src.iterdir() if p.is_dir())
+        raise UserError(
+            f"{src}: needs both real/ and fake/ class folders (or train/ and test/ holding them); "
+            f"found folders: {', '.join(seen) or 'none'}"
+        )
+    return present, layout
+
+
+def walk_files(src: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        rel_dir = Path(dirpath).relative_to(src)
+        for name in filenames:
+            yield (rel_dir / name).as_posix()
+
+
+def plan_shards(candidates: list[SourceFile], settings: PackSettings) -> list[ShardPlan]:
+    """Assign splits, then cut each split (in hash order) into shards of ``shard_size`` files."""
+    by_class: dict[str, list[str]] = {c: [] for c in CLASSES}
+    for f in candidates:
+        by_class[f.class_name].append(f.relpath)
+    source_test = {f.relpath for f in candidates if f.source_test}
+    assignment = assign_splits(
+        by_class,
+        seed=settings.seed,
+        test_fraction=settings.test_fraction,
+        folds=settings.folds,
+        fixed_test=source_test if source_test else None,
+    )
+    plans = []
+    for split in split_names(settings.folds):
+        files = sorted(
+            (f for f in candidates if assignment[f.relpath] == split),
+            key=lambda f: hash_order_key(settings.seed, f.relpath),
+        )
+        for index, start in enumerate(range(0, max(len(files), 1), settings.shard_size)):
+            plans.append(ShardPlan(f"{split}-{index:06d}", split, files[start : start + settings.shard_size]))
+    return plans
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-file work (runs in worker processes)
+
+
+def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
+    """Decode, preprocess and encode one file; never raises, returns a record with status and reason."""
+    record: dict[str, Any] = {"path": file.relpath, "key": file.key, "class": file.class_name}
+    try:
+        decoded = decode_image(
+            file.path,
+            long_side=settings.size if settings.mode == "resize" else None,
+            min_side=settings.min_side,
+            max_pixels=settings.max_pixels,
+            repair_truncated=settings.on_truncated == "repair",
+        )
+        pixels = preprocess(decoded.pixels, settings.mode, settings.size)
+    except UnreadableImage as exc:
+        return record | {"status": "skipped", "reason": str(exc)}
+    except ValueError as exc:  # e.g. smaller than the crop
+        return record | {"status": "skipped", "reason": first_line(exc)}
+    except Exception as exc:  # a library failing on a malformed file must not end the run
+        return record | {"status": "skipped", "reason": f"cannot decode: {type(exc).__name__}: {first_line(exc)}"}
+    record["original_size"] = list(decoded.original_size)
+    record["data"] = encode(pixels, settings.codec, settings.quality)
+    if decoded.repair:
+        return record | {"status": "repaired", "reason": decoded.repair}
+    return record | {"status": "packed"}
+
+
+def encode(pixels: np.ndarray, codec: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if codec == "png":
+        Image.fromarray(pixels).save(buffer, "PNG", compress_level=1)
+    else:
+        # 4:4:4 chroma: subsampling would blur exactly the fine colour traces a detector looks for.
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality, subsampling=0)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shard writing, resume and the manifest
+
+
+def pack(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PackSettings = PackSettings(),
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Pack ``src`` into shards under ``out``; returns the manifest (with a ``run`` entry of timings)."""
+    settings.validate()
+    src, out = Path(src).resolve(), Path(out).resolve()
+    workers = workers or os.cpu_count() or 1
+    candidates, pre_skipped, layout = scan_source(src)
+    check_out_dir(src, out, settings)
+    plans = plan_shards(candidates, settings)
+    if (out / MANIFEST).exists():  # finished earlier with the same settings and files: nothing to do
+        manifest = json.loads((out / MANIFEST).read_text())
+        if [s["paths"] for s in manifest["shards"]] == [[f.relpath for f in p.files] for p in plans]:
+            return manifest
+        raise UserError(f"{out}: holds a pack of different files; pack into a new folder or delete this one")
+    state = out / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.tar.tmp"):
+        stale.unlink()
+    todo = [p for p in plans if not shard_is_complete(out, p, settings)]
+    started = time.perf_counter()
+    files = [f for p in todo for f in p.files]
+    records = parallel_imap(partial(pack_one, settings=settings), files, workers)
+    bar = tqdm(total=len(files), desc="pack", unit="img", disable=None if progress is None else not progress)
+    for plan in todo:
+        write_shard(out, plan, [next(records) for _ in plan.files], settings)
+        bar.update(len(plan.files))
+    bar.close()
+    records.close()
+    elapsed = time.perf_counter() - started
+    manifest = build_manifest(src, out, plans, pre_skipped, layout, settings)
+    atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(state)
+    processed = len(files)
+    manifest_with_run = dict(manifest)
+    manifest_with_run["run"] = {"processed": processed, "seconds": elapsed, "workers": workers}
+    return manifest_with_run
+
+
+def check_out_dir(src: Path, out: Path, settings: PackSettings) -> None:
+    if out == src or src in out.parents or out in src.parents:
+        raise UserError(f"{out}: output folder must lie outside the source folder {src} (and not contain it)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose a new output folder")
+    ours = {MANIFEST, STATE_DIR}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith((".tar", ".tar.tmp")))
+    has_state = (out / STATE_DIR).is_dir() or (out / MANIFEST).is_file()
+    if foreign or (any(out.glob("*.tar")) and not has_state):
+        example = foreign[0] if foreign else next(out.glob("*.tar")).name
+        raise UserError(f"{out}: holds other data (e.g. {example}); choose an empty or new output folder")
+    recorded = recorded_settings(out)
+    if recorded is not None and recorded != asdict(settings):
+        changed = sorted(k for k in recorded if recorded[k] != asdict(settings).get(k))
+        raise UserError(
+            f"{out}: was packed with other settings ({', '.join(changed)}); "
+            "re-run with the same options to resume, or choose a new output folder"
+        )
+
+
+def recorded_settings(out: Path) -> dict | None:
+    if (out / MANIFEST).is_file():
+        return json.loads((out / MANIFEST).read_text())["settings"]
+    sidecar = next((out / STATE_DIR).glob("*.json"), None) if (out / STATE_DIR).is_dir() else None
+    return json.loads(sidecar.read_text())["settings"] if sidecar else None
+
+
+def shard_is_complete(out: Path, plan: ShardPlan, settings: PackSettings) -> bool:
+    sidecar_path, tar_path = out / STATE_DIR / f"{plan.name}.json", out / f"{plan.name}.tar"
+    if not (sidecar_path.is_file() and tar_path.is_file()):
+        return False
+    sidecar = json.loads(sidecar_path.read_text())
+    return (
+        sidecar["settings"] == asdict(settings)
+        and sidecar["planned"] == [f.relpath for f in plan.files]
+        and sidecar["sha256"] == sha256_file(tar_path)
+    )
+
+
+def write_shard(out: Path, plan: ShardPlan, records: list[dict], settings: PackSettings) -> None:
+    """Write the shard's tar under a temporary name, rename it, then record it in the state folder."""
+    tmp, final = out / f"{plan.name}.tar.tmp", out / f"{plan.name}.tar"
+    extension = "png" if settings.codec == "png" else "jpg"
+    kept = [r for r in records if r["status"] != "skipped"]
+    with open(tmp, "wb") as stream:
+        # Fixed mtime and owner make the tar byte-identical when a shard is rewritten after a resume.
+        with wds.TarWriter(stream, user="aidetect", group="aidetect", mtime=0, encoder=False) as writer:
+            for r in kept:
+                meta = {k: r[k] for k in ("path", "class", "original_size", "status")}
+                meta |= {"label": CLASSES[r["class"]], "split": plan.split}
+                writer.write(
+                    {
+                        "__key__": r["key"],
+                        extension: r["data"],
+                        "cls": str(CLASSES[r["class"]]).encode(),
+                        "json": json.dumps(meta, sort_keys=True).encode(),
+                    }
+                )
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, final)
+    sidecar = {
+        "name": plan.name,
+        "split": plan.split,
+        "settings": asdict(settings),
+        "planned": [f.relpath for f in plan.files],
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size,
+        "records": [{k: r[k] for k in ("path", "class", "status", "reason") if k in r} for r in records],
+    }
+    atomic_write_json(out / STATE_DIR / f"{plan.name}.json", sidecar)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_manifest(
+    src: Path, out: Path, plans: list[ShardPlan], pre_skipped: list[dict], layout: str, settings: PackSettings
+) -> dict[str, Any]:
+    shards, skipped, repaired = [], list(pre_skipped), []
+    splits = {s: dict.fromkeys(CLASSES, 0) for s in split_names(settings.folds)}
+    for plan in plans:
+        sidecar = json.loads((out / STATE_DIR / f"{plan.name}.json").read_text())
+        kept = [r for r in sidecar["records"] if r["status"] != "skipped"]
+        for r in sidecar["records"]:
+            if r["status"] == "skipped":
+                skipped.append({"path": r["path"], "reason": r["reason"]})
+            else:
+                splits[plan.split][r["class"]] += 1
+            if r["status"] == "repaired":
+                repaired.append({"path": r["path"], "reason": r["reason"]})
+        shards.append(
+            {
+                "name": f"{plan.name}.tar",
+                "split": plan.split,
+                "count": len(kept),
+                "sha256": sidecar["sha256"],
+                "bytes": sidecar["bytes"],
+                "paths": [r["path"] for r in kept],
+            }
+        )
+    for counts in splits.values():
+        counts["total"] = sum(counts.values())
+    return {
+        "format": FORMAT,
+        "classes": CLASSES,
+        "samples": sum(s["count"] for s in shards),
+        "files": len(pre_skipped) + sum(len(p.files) for p in plans),
+        "splits": splits,
+        "shards": shards,
+        "settings": asdict(settings),
+        "seed": settings.seed,
+        "source": {"path": str(src), "layout": layout},
+        "skipped": sorted(skipped, key=lambda r: r["path"]),
+        "repaired": sorted(repaired, key=lambda r: r["path"]),
+    }

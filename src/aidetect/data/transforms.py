@@ -1,0 +1,83 @@
+"""Image transforms: the preprocessing recorded in a pack, and the loader's augmentation and normalisation.
+
+Preprocessing (pack time and ``predict``) works on H x W x 3 uint8 numpy arrays; augmentation (loader
+workers) on 3 x H x W uint8 tensors, so that normalisation to float happens once per batch.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+PREPROCESS_MODES = ("resize", "crop")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess(pixels: np.ndarray, mode: str, size: int) -> np.ndarray:
+    """Apply a pack's preprocessing mode to an RGB image."""
+    if mode == "resize":
+        return pad_square_resize(pixels, size)
+    if mode == "crop":
+        return center_crop(pixels, size)
+    raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {PREPROCESS_MODES}")
+
+
+def pad_square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The original project's preprocessing: zero-pad to a centred square, then resize to size x size.
+
+    Note: when only one class is non-square (real camera photos), the black bars are a shortcut a
+    model can learn instead of generator traces; ``crop`` mode avoids that.
+    """
+    height, width = pixels.shape[:2]
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = cv2.copyMakeBorder(
+        pixels, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0
+    )
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A native-resolution size x size crop from the centre: no resampling, generator traces survive."""
+    height, width = pixels.shape[:2]
+    if min(height, width) < size:
+        raise ValueError(f"{width}x{height} px is smaller than the {size} px crop")
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+
+
+def augment(image: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation on a uint8 CHW tensor: random crop of ``crop`` px and horizontal flip."""
+    _, height, width = image.shape
+    top = int(torch.randint(0, height - crop + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - crop + 1, (1,), generator=generator))
+    image = image[:, top : top + crop, left : left + crop]
+    if torch.rand(1, generator=generator).item() < 0.5:
+        image = image.flip(2)
+    return image.contiguous()
+
+
+def center_crop_tensor(image: torch.Tensor, crop: int) -> torch.Tensor:
+    _, height, width = image.shape
+    top, left = (height - crop) // 2, (width - crop) // 2
+    return image[:, top : top + crop, left : left + crop].contiguous()
+
+
+def normalize_batch(
+    images: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 NCHW batch to normalised float32, once per batch (on the GPU when the batch is there).
+
+    ``noise_std`` adds Gaussian noise on the [0, 1] scale, as the original project did; callers pass
+    it for training batches only (the original also noised test images, which biased its numbers).
+    """
+    x = images.float().div_(255)
+    if noise_std > 0:
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        x.add_(noise, alpha=noise_std)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
