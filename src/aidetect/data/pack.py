@@ -216,6 +216,7 @@ def pack(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Pack ``src`` into shards under ``out``; returns the manifest (with a ``run`` entry of timings)."""
+    started = time.perf_counter()
     settings.validate()
     src, out = Path(src).resolve(), Path(out).resolve()
     workers = workers or os.cpu_count() or 1
@@ -232,7 +233,6 @@ def pack(
     for stale in out.glob("*.tar.tmp"):
         stale.unlink()
     todo = [p for p in plans if not shard_is_complete(out, p, settings)]
-    started = time.perf_counter()
     files = [f for p in todo for f in p.files]
     records = parallel_imap(partial(pack_one, settings=settings), files, workers)
     bar = tqdm(total=len(files), desc="pack", unit="img", disable=None if progress is None else not progress)
@@ -241,10 +241,10 @@ def pack(
         bar.update(len(plan.files))
     bar.close()
     records.close()
-    elapsed = time.perf_counter() - started
     manifest = build_manifest(src, out, plans, pre_skipped, layout, settings)
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(state)
+    elapsed = time.perf_counter() - started
     processed = len(files)
     manifest_with_run = dict(manifest)
     manifest_with_run["run"] = {"processed": processed, "seconds": elapsed, "workers": workers}

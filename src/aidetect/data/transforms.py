@@ -1,7 +1,9 @@
 """Image transforms: the preprocessing recorded in a pack, and the loader's augmentation and normalisation.
 
 Preprocessing (pack time and ``predict``) works on H x W x 3 uint8 numpy arrays; augmentation (loader
-workers) on 3 x H x W uint8 tensors, so that normalisation to float happens once per batch.
+workers) on H x W x 3 uint8 tensors: that is the layout the JPEG decoder writes, so no sample is ever
+transposed, and the collated N x H x W x 3 batch becomes an NCHW view in channels_last memory format,
+the layout convolutions run fastest in. Normalisation to float happens once per batch, on the device.
 """
 
 from __future__ import annotations
@@ -25,19 +27,19 @@ def preprocess(pixels: np.ndarray, mode: str, size: int) -> np.ndarray:
 
 
 def pad_square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The original project's preprocessing: zero-pad to a centred square, then resize to size x size.
+    """The original project's preprocessing: zero-pad to a centred square, resized to size x size.
 
-    Note: when only one class is non-square (real camera photos), the black bars are a shortcut a
-    model can learn instead of generator traces; ``crop`` mode avoids that.
+    Resizing first and padding after gives the same picture for less work (no padded pixels are
+    resampled). Note: when only one class is non-square (real camera photos), the black bars are a
+    shortcut a model can learn instead of generator traces; ``crop`` mode avoids that.
     """
     height, width = pixels.shape[:2]
     side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    square = cv2.copyMakeBorder(
-        pixels, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT, value=0
-    )
+    new_h, new_w = max(1, round(height * size / side)), max(1, round(width * size / side))
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
-    return cv2.resize(square, (size, size), interpolation=interpolation)
+    resized = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    return cv2.copyMakeBorder(resized, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0)
 
 
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -50,34 +52,35 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def augment(image: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """Training augmentation on a uint8 CHW tensor: random crop of ``crop`` px and horizontal flip."""
-    _, height, width = image.shape
+    """Training augmentation on a uint8 HWC tensor: random crop of ``crop`` px and horizontal flip."""
+    height, width, _ = image.shape
     top = int(torch.randint(0, height - crop + 1, (1,), generator=generator))
     left = int(torch.randint(0, width - crop + 1, (1,), generator=generator))
-    image = image[:, top : top + crop, left : left + crop]
+    image = image[top : top + crop, left : left + crop]
     if torch.rand(1, generator=generator).item() < 0.5:
-        image = image.flip(2)
+        image = image.flip(1)
     return image.contiguous()
 
 
 def center_crop_tensor(image: torch.Tensor, crop: int) -> torch.Tensor:
-    _, height, width = image.shape
+    """Centre crop of a uint8 HWC tensor (evaluation)."""
+    height, width, _ = image.shape
     top, left = (height - crop) // 2, (width - crop) // 2
-    return image[:, top : top + crop, left : left + crop].contiguous()
+    return image[top : top + crop, left : left + crop].contiguous()
 
 
 def normalize_batch(
     images: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """uint8 NCHW batch to normalised float32, once per batch (on the GPU when the batch is there).
+    """uint8 NHWC batch to a normalised float32 NCHW view (channels_last), on the batch's device.
 
     ``noise_std`` adds Gaussian noise on the [0, 1] scale, as the original project did; callers pass
     it for training batches only (the original also noised test images, which biased its numbers).
+    ``generator`` must live on the batch's device.
     """
-    x = images.float().div_(255)
+    x = images.permute(0, 3, 1, 2).float().div_(255)
     if noise_std > 0:
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-        x.add_(noise, alpha=noise_std)
+        x.add_(torch.randn(x.shape, generator=generator, device=x.device), alpha=noise_std)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)

@@ -1,0 +1,176 @@
+"""``aidetect bench data``: pack and loader throughput against their decode floors and the original pipeline.
+
+All figures come from one run on the same images with the same number of worker processes:
+
+- ``pack_img_per_s``: ``aidetect pack`` end to end (scan, decode, preprocess, encode, write, manifest);
+- ``pack_decode_floor_img_per_s``: only decoding the raw files (reduced JPEG decoding allowed);
+- ``load_img_per_s``: the training loader, shards to batched uint8 tensors (normalisation to float runs
+  on the GPU, as in timm's prefetcher; ``load_normalized_on_cpu_img_per_s`` includes it on this CPU);
+- ``load_decode_floor_img_per_s``: only decoding the images stored in the shards (bytes already in memory);
+- ``naive_img_per_s``: the original project's pipeline, torchvision ImageFolder + PIL pad-to-square +
+  Resize from the raw files with ``num_workers=0``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_image
+
+from aidetect.data.decode import reduced_decode_scale
+from aidetect.data.pack import MANIFEST, PackSettings, pack, scan_source
+from aidetect.data.shards import build_loader, read_manifest
+from aidetect.fileio import atomic_write_json
+from aidetect.parallel import parallel_imap
+
+# Read-only inputs for the forked floor workers (fork shares them; pickling bytes would dominate).
+_FLOOR_INPUTS: list = []
+
+
+def bench_data(
+    src: str | Path,
+    shards: str | Path,
+    json_path: str | Path | None = None,
+    *,
+    workers: int | None = None,
+    batch_size: int = 64,
+    naive_limit: int = 192,
+    settings: PackSettings = PackSettings(),
+) -> dict[str, Any]:
+    workers = workers or os.cpu_count() or 1
+    src, shards = Path(src), Path(shards)
+    results: dict[str, Any] = {"workers": workers, "batch_size": batch_size, "machine": machine()}
+    paths = [f.path for f in scan_source(src)[0]]
+    results |= time_pack(src, shards, settings, workers, len(paths))
+    results["pack_decode_floor_img_per_s"] = floor_rate(decode_raw, paths, workers, settings.size)
+    results["load_img_per_s"], results["load_normalized_on_cpu_img_per_s"] = loader_rates(shards, batch_size, workers)
+    stored = stored_images(shards)
+    results["load_decode_floor_img_per_s"] = floor_rate(decode_stored, stored, workers)
+    results["naive_img_per_s"] = naive_rate(src, shards, settings.size, naive_limit)
+    results["pack_vs_floor"] = results["pack_img_per_s"] / results["pack_decode_floor_img_per_s"]
+    results["load_vs_floor"] = results["load_img_per_s"] / results["load_decode_floor_img_per_s"]
+    results["load_vs_naive"] = results["load_img_per_s"] / results["naive_img_per_s"]
+    if json_path:
+        atomic_write_json(json_path, results)
+    return results
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def time_pack(src: Path, shards: Path, settings: PackSettings, workers: int, files: int) -> dict[str, Any]:
+    """Pack into ``shards`` when it holds no pack yet; otherwise into a scratch folder, removed after."""
+    target = shards if not (shards / MANIFEST).exists() else Path(tempfile.mkdtemp(dir=shards.parent))
+    if target != shards:
+        target.rmdir()
+    try:
+        started = time.perf_counter()
+        manifest = pack(src, target, settings, workers=workers, progress=False)
+        seconds = time.perf_counter() - started
+    finally:
+        if target != shards:
+            shutil.rmtree(target, ignore_errors=True)
+    return {"pack_img_per_s": files / seconds, "pack_files": files, "packed_samples": manifest["samples"]}
+
+
+def floor_rate(decode: Callable[[int], int], inputs: list, workers: int, *args: Any) -> float:
+    global _FLOOR_INPUTS
+    _FLOOR_INPUTS = inputs
+    started = time.perf_counter()
+    for _ in parallel_imap(partial(decode, *args) if args else decode, range(len(inputs)), workers, chunksize=16):
+        pass
+    return len(inputs) / (time.perf_counter() - started)
+
+
+def decode_raw(size: int, index: int) -> int:
+    """Open and decode one raw file, reduced where pack may reduce it, and nothing else."""
+    try:
+        with Image.open(_FLOOR_INPUTS[index]) as image:
+            scale = reduced_decode_scale(image, size, 250_000_000)
+            if scale > 1:
+                image.draft(image.mode, (image.size[0] // scale, image.size[1] // scale))
+            image.load()
+            return image.size[0]
+    except Exception:  # the defects pack skips; decoding them is still part of the floor's work
+        return 0
+
+
+def decode_stored(index: int) -> int:
+    data = _FLOOR_INPUTS[index]
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).shape[-1]
+
+
+def stored_images(shards: Path) -> list[bytes]:
+    manifest = read_manifest(shards)
+    urls = [{"url": str(shards / s["name"])} for s in manifest["shards"] if s["count"]]
+    return [s.get("jpg", s.get("png")) for s in wds.tarfile_samples(urls)]
+
+
+def loader_rates(shards: Path, batch_size: int, workers: int, epochs: int = 2) -> tuple[float, float]:
+    """Best epoch of the training loader over every split: shards to batched uint8 tensors ready to
+    cross to the device, and (second figure) including normalisation on this CPU."""
+    splits = list(read_manifest(shards)["splits"])
+    loader = build_loader(shards, splits, batch_size=batch_size, train=True, num_workers=workers, world=1, rank=0)
+    rates = []
+    for batches in (loader.loader, loader):  # the host pipeline alone, then as a CPU training loop sees it
+        best = 0.0
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            started, images = time.perf_counter(), 0
+            for batch in batches:
+                images += len(batch[0])
+            best = max(best, images / (time.perf_counter() - started))
+        rates.append(best)
+    return rates[0], rates[1]
+
+
+def naive_rate(src: Path, shards: Path, size: int, limit: int) -> float:
+    """The original pipeline: ImageFolder, pad to square with black, Resize, no worker processes."""
+    manifest = read_manifest(shards)
+    repaired = {r["path"] for r in manifest["repaired"]}  # the original pipeline crashed on these
+    packed = {str(src / p) for s in manifest["shards"] for p in s["paths"] if p not in repaired}
+    transform = transforms.Compose([pad_to_square, transforms.Resize((size, size)), transforms.ToTensor()])
+    folder = datasets.ImageFolder(str(src), transform=transform, is_valid_file=lambda p: p in packed)
+    subset = torch.utils.data.Subset(folder, range(0, len(folder), max(1, len(folder) // limit))[:limit])
+    started, images = time.perf_counter(), 0
+    for batch, _ in DataLoader(subset, batch_size=32, shuffle=False, num_workers=0):
+        images += batch.shape[0]
+    return images / (time.perf_counter() - started)
+
+
+def pad_to_square(image: Image.Image) -> Image.Image:
+    side = max(image.size)
+    return ImageOps.pad(image.convert("RGB"), (side, side), color=(0, 0, 0))
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [
+        ("pack", results["pack_img_per_s"], results["pack_decode_floor_img_per_s"], "pack_vs_floor", 0.7),
+        ("load", results["load_img_per_s"], results["load_decode_floor_img_per_s"], "load_vs_floor", 0.8),
+    ]
+    lines = [f"{'stage':<8}{'img/s':>10}{'floor img/s':>14}{'ratio':>8}{'target':>8}"]
+    for name, rate, floor, key, target in rows:
+        lines.append(f"{name:<8}{rate:>10.1f}{floor:>14.1f}{results[key]:>8.2f}{'>= ' + str(target):>8}")
+    lines.append(f"{'naive':<8}{results['naive_img_per_s']:>10.1f}")
+    lines.append(f"load incl. normalisation on this CPU: {results['load_normalized_on_cpu_img_per_s']:.1f} img/s")
+    lines.append(f"load / naive = {results['load_vs_naive']:.1f}x (target >= 50x); workers = {results['workers']}")
+    return "\n".join(lines)

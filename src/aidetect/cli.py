@@ -1,0 +1,162 @@
+"""The ``aidetect`` command line: parses arguments and calls library functions, nothing more.
+
+Errors the user can fix (``UserError``, bad arguments) end as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from aidetect.errors import UserError
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line instead of the usage block plus the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"aidetect: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aidetect: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="aidetect", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+
+    synth = commands.add_parser("synth", help="write a synthetic real/fake ImageFolder for demos and tests")
+    synth.add_argument("out", help="output folder (new or empty)")
+    synth.add_argument("--n", type=int, default=1000, help="number of images, half per class (default 1000)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--defects", action="store_true", help="add the broken files scraped datasets hold")
+    synth.add_argument("--min-side", type=int, default=320, help="shortest image side in px (default 320)")
+    synth.add_argument("--max-side", type=int, default=2048, help="longest image side in px (default 2048)")
+    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.set_defaults(handler=run_synth)
+
+    pack = commands.add_parser("pack", help="pack an ImageFolder into WebDataset shards with fixed splits")
+    pack.add_argument("src", help="ImageFolder (SRC/real, SRC/fake) or Kaggle layout (SRC/{train,test}/...)")
+    pack.add_argument("out", help="output folder for shards and manifest.json")
+    add_pack_options(pack)
+    pack.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    pack.set_defaults(handler=run_pack)
+
+    bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
+    benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
+    data = benches.add_parser("data", help="pack and loader throughput against decode floors and the naive pipeline")
+    data.add_argument("--src", required=True, help="raw ImageFolder")
+    data.add_argument("--shards", required=True, help="pack folder (packed from --src first if it holds none)")
+    data.add_argument("--json", default=None, help="write the figures to this JSON file")
+    data.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument("--naive-limit", type=int, default=192, help="images timed through the naive pipeline")
+    add_pack_options(data)
+    data.set_defaults(handler=run_bench_data)
+    return parser
+
+
+def add_pack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", default="resize", help="resize (pad to square + resize) or crop (native crop)")
+    parser.add_argument("--size", type=int, default=256, help="output side in px (default 256)")
+    parser.add_argument("--codec", default="jpeg", help="jpeg or png (lossless)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="share held out as test (default 0.1)")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the rest (default 5)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--max-pixels", type=int, default=250_000_000, help="pixel budget of one decoded image")
+    parser.add_argument("--min-side", type=int, default=32, help="skip images with a shorter side")
+    parser.add_argument("--on-truncated", default="repair", help="repair (inpaint the missing part) or skip")
+
+
+def pack_settings(args: argparse.Namespace):
+    from aidetect.data.pack import PackSettings
+
+    return PackSettings(
+        mode=args.mode,
+        size=args.size,
+        codec=args.codec,
+        quality=args.quality,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        folds=args.folds,
+        shard_size=args.shard_size,
+        max_pixels=args.max_pixels,
+        min_side=args.min_side,
+        on_truncated=args.on_truncated,
+    )
+
+
+def check_workers(workers: int | None) -> int:
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    return workers or os.cpu_count() or 1
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from aidetect.data.synth import synth
+
+    counts = synth(
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        defects=args.defects,
+        workers=check_workers(args.workers),
+        min_side=args.min_side,
+        max_side=args.max_side,
+    )
+    print(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} under {args.out}")
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from aidetect.data.pack import pack
+
+    manifest = pack(args.src, args.out, pack_settings(args), workers=check_workers(args.workers))
+    run = manifest.get("run")
+    speed = f" in {run['seconds']:.1f} s ({run['processed'] / max(run['seconds'], 1e-9):.0f} img/s)" if run else ""
+    print(
+        f"packed {manifest['samples']} of {manifest['files']} files into {len(manifest['shards'])} shards{speed}; "
+        f"repaired {len(manifest['repaired'])}, skipped {len(manifest['skipped'])} (reasons in {args.out}/manifest.json)"
+    )
+    for split, counts in manifest["splits"].items():
+        print(f"  {split:<6} {counts['total']:>7}  (real {counts['real']}, fake {counts['fake']})")
+    return 0
+
+
+def run_bench_data(args: argparse.Namespace) -> int:
+    from aidetect.bench.data import bench_data, format_table
+
+    results = bench_data(
+        args.src,
+        args.shards,
+        args.json,
+        workers=check_workers(args.workers),
+        batch_size=args.batch_size,
+        naive_limit=args.naive_limit,
+        settings=pack_settings(args),
+    )
+    print(format_table(results))
+    if args.json:
+        print(f"figures written to {args.json}")
+    else:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
