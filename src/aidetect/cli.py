@@ -131,7 +131,8 @@ def run_pack(args: argparse.Namespace) -> int:
     speed = f" in {run['seconds']:.1f} s ({run['processed'] / max(run['seconds'], 1e-9):.0f} img/s)" if run else ""
     print(
         f"packed {manifest['samples']} of {manifest['files']} files into {len(manifest['shards'])} shards{speed}; "
-        f"repaired {len(manifest['repaired'])}, skipped {len(manifest['skipped'])} (reasons in {args.out}/manifest.json)"
+        f"repaired {len(manifest['repaired'])}, skipped {len(manifest['skipped'])} "
+        f"(reasons in {args.out}/manifest.json)"
     )
     for split, counts in manifest["splits"].items():
         print(f"  {split:<6} {counts['total']:>7}  (real {counts['real']}, fake {counts['fake']})")

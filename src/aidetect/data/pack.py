@@ -225,7 +225,8 @@ def pack(
     plans = plan_shards(candidates, settings)
     if (out / MANIFEST).exists():  # finished earlier with the same settings and files: nothing to do
         manifest = json.loads((out / MANIFEST).read_text())
-        if [s["paths"] for s in manifest["shards"]] == [[f.relpath for f in p.files] for p in plans]:
+        accounted = {p for s in manifest["shards"] for p in s["paths"]} | {r["path"] for r in manifest["skipped"]}
+        if accounted == {f.relpath for f in candidates} | {r["path"] for r in pre_skipped}:
             return manifest
         raise UserError(f"{out}: holds a pack of different files; pack into a new folder or delete this one")
     state = out / STATE_DIR

@@ -6,9 +6,9 @@ differs is how the pixels came to be, as with real generators:
 
 - ``real``: the scene is rendered at full resolution and gets white sensor grain;
 - ``fake``: the scene (and its grain) is rendered at half resolution and brought up by a stride-2
-  transposed convolution whose kernel phases have unequal gains, as a learned upsampler does. That
+  transposed convolution whose output phases have unequal gains, as a learned upsampler does. That
   leaves a period-2 trace that survives JPEG, and that resizing destroys (``pack --mode crop``
-  keeps it).
+  keeps it); ``periodic_trace`` measures it.
 
 ``--defects`` adds the broken files that scraped datasets contain; ``DEFECT_OUTCOMES`` says what
 ``pack`` must do with each.
@@ -153,15 +153,28 @@ def fractal_field(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return np.clip((field - low) / (high - low + 1e-9), 0, 1).astype(np.float32)
 
 
+PERIODIC_PATTERNS = (np.array([[1, -1], [1, -1]]), np.array([[1, 1], [-1, -1]]), np.array([[1, -1], [-1, 1]]))
+
+
 def transposed_conv_upsample(low: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Stride-2 transposed convolution: zero insertion, then a 4x4 kernel whose 4 phases differ in gain."""
+    """Stride-2 transposed convolution (zero insertion, then a 4x4 kernel) whose four output phases have
+    unequal gains, the checkerboard a learned upsampler leaves: stripes or checks of 6-15% intensity."""
     height, width = low.shape[:2]
     up = np.zeros((height * 2, width * 2, 3), dtype=np.float32)
     up[::2, ::2] = low
     taps = np.array([0.25, 0.75, 0.75, 0.25], dtype=np.float32)
-    kernel = np.outer(taps, taps) * (1 + rng.uniform(-0.12, 0.12, (4, 4)).astype(np.float32))
-    kernel *= 4 / kernel.sum()  # unit mean gain; the phases (every other tap) stay unequal
-    return cv2.filter2D(up, -1, kernel, borderType=cv2.BORDER_REFLECT)
+    image = cv2.filter2D(up, -1, np.outer(taps, taps), borderType=cv2.BORDER_REFLECT)
+    pattern = PERIODIC_PATTERNS[int(rng.integers(len(PERIODIC_PATTERNS)))]
+    phase_gain = 1 + rng.choice([-1, 1]) * rng.uniform(0.06, 0.15) * pattern
+    return image * np.tile(phase_gain, (height, width))[..., None].astype(np.float32)
+
+
+def periodic_trace(pixels: np.ndarray) -> float:
+    """Strength of a period-2 pattern relative to intensity (about 0 for real images, >= 0.06 for fakes)."""
+    gray = pixels[: pixels.shape[0] // 2 * 2, : pixels.shape[1] // 2 * 2].astype(np.float32).mean(axis=2)
+    height, width = gray.shape
+    mean = gray.mean() + 1e-6
+    return max(abs(float((gray * np.tile(p, (height // 2, width // 2))).mean())) / mean for p in PERIODIC_PATTERNS)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

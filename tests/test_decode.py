@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aidetect.data.decode import UnreadableImage, decode_image
+from aidetect.data.synth import encode_jpeg, png_with_claimed_size, render
+
+
+@pytest.fixture()
+def scene() -> np.ndarray:
+    pixels = render(np.random.default_rng(0), "real", 480, 640)
+    pixels[:48] = 0  # black content at the top: must never be taken for a hole
+    pixels[200:230, 100:300] = 128  # and neither must mid-grey content
+    return pixels
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_truncated_jpeg_inpaints_only_the_missing_bottom(tmp_path: Path, scene: np.ndarray) -> None:
+    data = encode_jpeg(scene, 92)
+    decoded = decode_image(write(tmp_path / "t.jpg", data[: int(len(data) * 0.6)]))
+    intact = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert decoded.repair and decoded.repair.startswith("truncated JPEG: inpainted the missing")
+    missing = float(decoded.repair.split()[-1].rstrip("%")) / 100
+    assert 0.2 < missing < 0.6
+    rows_intact = int(480 * (1 - missing)) - 16  # above the partly decoded MCU row
+    # Everything the file held is kept as decoded, black and grey content included ...
+    assert np.abs(decoded.pixels[:rows_intact].astype(int) - intact[:rows_intact]).max() <= 2
+    assert decoded.pixels[:40].max() <= 8 and np.abs(decoded.pixels[205:225, 110:290].astype(int) - 128).max() <= 8
+    # ... and the hole is filled from its surroundings, not left as the decoder's flat grey.
+    bottom = decoded.pixels[-40:].reshape(-1, 3)
+    assert (np.abs(bottom.astype(int) - 128).max(axis=1) > 3).mean() > 0.5
+
+
+def test_truncated_jpeg_is_skipped_when_repair_is_off(tmp_path: Path, scene: np.ndarray) -> None:
+    data = encode_jpeg(scene, 92)
+    with pytest.raises(UnreadableImage, match="truncated JPEG"):
+        decode_image(write(tmp_path / "t.jpg", data[: int(len(data) * 0.6)]), repair_truncated=False)
+
+
+def test_truncated_progressive_jpeg_is_kept_without_inpainting(tmp_path: Path, scene: np.ndarray) -> None:
+    data = encode_jpeg(scene, 92, progressive=True)
+    decoded = decode_image(write(tmp_path / "p.jpg", data[: int(len(data) * 0.6)]))
+    assert decoded.repair == "truncated progressive JPEG: decoded at lower detail"
+    assert np.abs(decoded.pixels.astype(int) - scene.astype(int)).mean() < 12
+
+
+def test_modes_become_rgb_faithfully(tmp_path: Path, scene: np.ndarray) -> None:
+    deep = (scene.mean(axis=2) * 257).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    gray = decode_image(tmp_path / "deep.png").pixels
+    assert gray.shape == (480, 640, 3) and np.abs(gray[..., 0].astype(int) - scene.mean(axis=2)).max() <= 1.5
+
+    Image.fromarray(scene).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert np.abs(decode_image(tmp_path / "cmyk.jpg").pixels.astype(int) - scene).mean() < 6
+
+    rgba = np.dstack([scene, np.zeros(scene.shape[:2], np.uint8)])  # fully transparent
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert decode_image(tmp_path / "rgba.png").pixels.min() == 255  # composited on white, not black
+
+
+def test_exif_orientation_is_applied(tmp_path: Path, scene: np.ndarray) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(write(tmp_path / "r.jpg", encode_jpeg(scene, 95, exif=exif)))
+    assert decoded.pixels.shape == (640, 480, 3)
+    assert decoded.original_size == (640, 480)
+    assert decoded.pixels[:, -40:].max() <= 8  # the black top band is now on the right
+
+
+def test_large_jpeg_is_decoded_reduced_and_the_budget_holds(tmp_path: Path, scene: np.ndarray) -> None:
+    path = write(tmp_path / "big.jpg", encode_jpeg(np.tile(scene, (4, 4, 1)), 90))  # 2560 x 1920
+    assert decode_image(path, long_side=256).pixels.shape == (240, 320, 3)  # 1/8 scale, still >= 256
+    assert decode_image(path).pixels.shape == (1920, 2560, 3)
+    assert decode_image(path, max_pixels=1_300_000).pixels.shape == (960, 1280, 3)  # 1/2 scale fits
+    with pytest.raises(UnreadableImage, match="over the pixel budget"):
+        decode_image(path, max_pixels=50_000)  # even 1/8 scale is 76,800 px
+    bomb = write(tmp_path / "bomb.png", png_with_claimed_size(_tiny_png(), 40000, 30000))
+    with pytest.raises(UnreadableImage, match="only JPEGs can be decoded reduced"):
+        decode_image(bomb)
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"<html><body>not found</body></html>", "not an image"),
+        (b"\xff\xd8\xff\xe0" + bytes(40), "not an image"),
+        (encode_jpeg(np.zeros((300, 400, 3), np.uint8), 90)[:700], "of the image is missing, too much to inpaint"),
+    ],
+)
+def test_unreadable_files_raise_with_a_reason(tmp_path: Path, data: bytes, reason: str) -> None:
+    with pytest.raises(UnreadableImage, match=reason):
+        decode_image(write(tmp_path / "x.jpg", data))
