@@ -11,8 +11,8 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 
-from aidetect.data.pack import PackSettings, pack  # noqa: E402
-from aidetect.data.synth import synth  # noqa: E402
+from aidetect.data.pack import PackSettings, pack
+from aidetect.data.synth import synth
 
 SYNTH_N = 48
 SHARD_SIZE = 6

@@ -77,7 +77,7 @@ def test_splits_are_disjoint_stratified_and_independent_of_listing_order() -> No
     shuffled = {c: random.Random(1).sample(v, len(v)) for c, v in reversed(list(names.items()))}
     assert assign_splits(shuffled, seed=7, test_fraction=0.1, folds=5) == reference
     assert set(reference) == {p for v in names.values() for p in v}  # every path once
-    for cls, paths in names.items():
+    for paths in names.values():
         counts = Counter(reference[p] for p in paths)
         assert counts["test"] == round(0.1 * len(paths))
         fold_sizes = [counts[f"fold{k}"] for k in range(5)]
