@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 
+from aidetect.data.decode import decode_stored
 from aidetect.data.pack import FORMAT, MANIFEST
 from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
 from aidetect.errors import UserError
@@ -216,8 +216,7 @@ class ShardDataset(IterableDataset):
 
     def image(self, sample: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         data = sample.get("jpg", sample.get("png"))
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        image = decode_image(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0)  # HWC: the decoder's own layout
+        image = torch.from_numpy(decode_stored(data))
         if self.train:
             return augment(image, self.crop or image.shape[0], generator)
         return center_crop_tensor(image, self.crop) if self.crop else image
