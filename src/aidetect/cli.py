@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     data.add_argument("--batch-size", type=int, default=64)
     data.add_argument("--naive-limit", type=int, default=192, help="images timed through the naive pipeline")
+    data.add_argument("--min-images", type=int, default=4096, help="images timed through the loader and its floor")
     add_pack_options(data)
     data.set_defaults(handler=run_bench_data)
     return parser
@@ -149,6 +150,7 @@ def run_bench_data(args: argparse.Namespace) -> int:
         workers=check_workers(args.workers),
         batch_size=args.batch_size,
         naive_limit=args.naive_limit,
+        min_images=args.min_images,
         settings=pack_settings(args),
     )
     print(format_table(results))

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+
+KEYS = (
+    "pack_img_per_s",
+    "pack_decode_floor_img_per_s",
+    "load_img_per_s",
+    "load_decode_floor_img_per_s",
+    "naive_img_per_s",
+)
+
+
+def test_bench_data_measures_every_stage_and_writes_json(synth_dir: Path, tmp_path: Path) -> None:
+    args = ["bench", "data", "--src", str(synth_dir), "--shards", str(tmp_path / "shards")]
+    args += ["--naive-limit", "8", "--min-images", "64", "--batch-size", "8", "--workers", "2"]
+    for run in range(2):  # first packs into --shards, then into a scratch folder it removes
+        result = run_cli(*args, "--json", str(tmp_path / f"bench{run}.json"))
+        assert result.returncode == 0, result.stderr
+        figures = json.loads((tmp_path / f"bench{run}.json").read_text())
+        assert all(figures[key] > 0 for key in KEYS)
+        assert figures["load_vs_naive"] == figures["load_img_per_s"] / figures["naive_img_per_s"]
+        assert figures["workers"] == 2 and figures["machine"]["cores"] >= 1
+        assert "load / naive" in result.stdout and "floor img/s" in result.stdout
+    assert (tmp_path / "shards" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench0.json", "bench1.json", "shards"]
