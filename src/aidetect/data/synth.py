@@ -181,17 +181,18 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def encode_jpeg(pixels: np.ndarray, quality: int, **options) -> bytes:
+def encode_image(image: np.ndarray | Image.Image, image_format: str, **options) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality, **options)
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, image_format, **options)
     return buffer.getvalue()
 
 
-def encode_png(pixels: np.ndarray | Image.Image, **options) -> bytes:
-    buffer = io.BytesIO()
-    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    image.save(buffer, "PNG", **options)
-    return buffer.getvalue()
+def encode_jpeg(image: np.ndarray | Image.Image, quality: int, **options) -> bytes:
+    return encode_image(image, "JPEG", quality=quality, **options)
+
+
+def encode_png(image: np.ndarray | Image.Image, **options) -> bytes:
+    return encode_image(image, "PNG", **options)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,8 +208,8 @@ def write_defects(out: Path, rng: np.random.Generator) -> None:
     files["fake/truncated.jpg"] = intact[: int(len(intact) * 0.7)]
     files["real/empty.jpg"] = b""
     files["fake/page_saved_as.jpg"] = b"<!DOCTYPE html><html><head><title>403 Forbidden</title></head></html>\n"
-    files["real/grayscale.jpg"] = encode_image(Image.fromarray(sample("real")).convert("L"), "JPEG", quality=90)
-    files["fake/cmyk.jpg"] = encode_image(Image.fromarray(sample("fake")).convert("CMYK"), "JPEG", quality=90)
+    files["real/grayscale.jpg"] = encode_jpeg(Image.fromarray(sample("real")).convert("L"), 90)
+    files["fake/cmyk.jpg"] = encode_jpeg(Image.fromarray(sample("fake")).convert("CMYK"), 90)
     rgba = np.dstack([sample("real"), np.linspace(0, 255, 480, dtype=np.uint8)[None, :].repeat(360, 0)])
     files["real/rgba.png"] = encode_png(rgba)
     palette = Image.fromarray(sample("fake")).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
@@ -231,12 +232,6 @@ def write_defects(out: Path, rng: np.random.Generator) -> None:
     assert files.keys() == DEFECT_OUTCOMES.keys()
     for relpath, data in files.items():
         atomic_write_bytes(out / relpath, data)
-
-
-def encode_image(image: Image.Image, image_format: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, image_format, **options)
-    return buffer.getvalue()
 
 
 def png_with_claimed_size(png: bytes, width: int, height: int) -> bytes:
