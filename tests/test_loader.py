@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 import webdataset as wds
 
 from aidetect.data import build_loader, fold_splits, read_manifest
-from aidetect.data.shards import Shard, batches_per_rank, rank_range, worker_counts, worker_plan
+from aidetect.data.shards import rank_batches, worker_batches
 from aidetect.errors import UserError
 
 PROBE = Path(__file__).parent / "helpers" / "loader_probe.py"
@@ -23,40 +24,31 @@ def keys_of(packed_dir: Path, splits: list[str]) -> list[str]:
     return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
 
 
-def planned_positions(shards, **kwargs) -> list[tuple[str, int]]:
-    return [(r.shard.path, r.skip + i) for r in worker_plan(shards, **kwargs) for i in range(r.take)]
-
-
-@pytest.mark.parametrize("counts", [[7], [5, 0, 9, 3], [1] * 13, [40, 2]])
+@pytest.mark.parametrize("total", [0, 7, 13, 40])
 @pytest.mark.parametrize("world", [1, 2, 3])
+def test_plans_give_equal_train_batches_and_exactly_once_evaluation(total: int, world: int) -> None:
+    batch = 2
+    train = [rank_batches(total, rank, world, batch, train=True) for rank in range(world)]
+    assert all(len(batches) == total // (world * batch) for batches in train)  # the same on every rank
+    assert all(len(b) == batch for batches in train for b in batches)  # whole batches only
+    positions = [p for batches in train for b in batches for p in b]
+    assert sorted(positions) == list(range(total // (world * batch) * world * batch))
+    evaluation = [p for rank in range(world) for b in rank_batches(total, rank, world, batch, False) for p in b]
+    assert sorted(evaluation) == list(range(total))  # every sample exactly once
+
+
+def test_global_batches_do_not_depend_on_how_many_ranks_share_them() -> None:
+    one = rank_batches(48, 0, 1, 8, train=True)
+    two = [rank_batches(48, rank, 2, 4, train=True) for rank in range(2)]
+    assert [set(b) for b in one] == [set(a) | set(b) for a, b in zip(*two, strict=True)]
+
+
 @pytest.mark.parametrize("workers", [1, 2, 5])
-def test_plans_give_equal_train_batches_and_exactly_once_evaluation(counts, world, workers) -> None:
-    shards = [Shard(f"s{i}", c) for i, c in enumerate(counts)]
-    total, batch = sum(counts), 2
-    for train in (True, False):
-        seen = []
-        for rank in range(world):
-            positions = []
-            for worker in range(workers):
-                args = dict(seed=1, epoch=3, train=train, rank=rank, world=world, batch_size=batch)
-                mine = planned_positions(shards, worker=worker, workers=workers, **args)
-                if train:
-                    assert len(mine) % batch == 0  # whole batches only
-                positions += mine
-            _, count = rank_range(total, rank, world, batch, train)
-            assert len(positions) == count
-            if train:
-                assert batches_per_rank(count, workers, batch) == total // (world * batch)
-            seen += positions
-        assert len(seen) == len(set(seen))  # no sample twice
-        if not train:
-            assert sorted(seen) == sorted((f"s{i}", j) for i, c in enumerate(counts) for j in range(c))
-
-
-def test_worker_split_leaves_at_most_one_partial_batch() -> None:
-    assert worker_counts(23, 3, 4) == [8, 8, 7]
-    assert worker_counts(8, 5, 4) == [4, 4, 0, 0, 0]
-    assert worker_counts(3, 2, 4) == [3, 0]
+def test_workers_take_batches_round_robin(workers: int) -> None:
+    batches = rank_batches(23, 0, 1, 2, train=False)
+    per_worker = [worker_batches(batches, w, workers) for w in range(workers)]
+    round_robin = [b for group in itertools.zip_longest(*per_worker) for b in group if b is not None]
+    assert round_robin == batches
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -74,9 +66,14 @@ def test_two_ranks_under_torchrun(packed_dir: Path, tmp_path: Path, workers: int
     for epoch in range(2):
         per_rank = [r["train"][epoch] for r in ranks]
         assert per_rank[0]["batches"] == per_rank[1]["batches"] == per_rank[0]["len"] == len(train_keys) // (2 * batch)
-        both = per_rank[0]["keys"] + per_rank[1]["keys"]
+        both = [k for r in per_rank for b in r["keys"] for k in b]
         assert len(both) == len(set(both)) and set(both) <= set(train_keys)
         assert len(train_keys) - len(both) < 2 * batch  # only the remainder of a global batch is dropped
+        # the same global batches, in the same order, as one process with twice the batch size
+        single = build_loader(packed_dir, splits["train"], batch_size=2 * batch, train=True, num_workers=0)
+        single.set_epoch(epoch)
+        expected = [sorted(b.keys) for b in single]
+        assert [sorted(a + b) for a, b in zip(per_rank[0]["keys"], per_rank[1]["keys"], strict=True)] == expected
     assert ranks[0]["train"][0]["keys"] != ranks[0]["train"][1]["keys"]  # reshuffled each epoch
     for name in ("val", "test"):  # the test split has fewer shards than the 4 eval workers
         expected = keys_of(packed_dir, splits[name])
@@ -88,14 +85,17 @@ def test_two_ranks_under_torchrun(packed_dir: Path, tmp_path: Path, workers: int
 def test_single_process_loader_is_seeded_and_never_noises_evaluation(packed_dir: Path) -> None:
     splits = fold_splits(5, 1)
 
-    def epoch_keys(seed: int, epoch: int) -> list[str]:
-        loader = build_loader(packed_dir, splits["train"], batch_size=4, train=True, num_workers=2, seed=seed)
+    def epoch_batches(seed: int, epoch: int, workers: int = 2) -> tuple[list[str], torch.Tensor]:
+        loader = build_loader(packed_dir, splits["train"], batch_size=4, train=True, num_workers=workers, seed=seed)
         loader.set_epoch(epoch)
-        return [k for batch in loader for k in batch.keys]
+        batches = list(loader)
+        return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
 
-    assert epoch_keys(0, 1) == epoch_keys(0, 1)
-    assert epoch_keys(0, 1) != epoch_keys(0, 2)
-    assert epoch_keys(0, 1) != epoch_keys(5, 1)
+    keys, images = epoch_batches(0, 1)
+    same_keys, same_images = epoch_batches(0, 1, workers=3)  # any number of workers: the same batches
+    assert keys == same_keys and torch.equal(images, same_images)  # augmentation included
+    assert keys != epoch_batches(0, 2)[0]
+    assert keys != epoch_batches(5, 1)[0]
 
     def eval_images(noise: float) -> torch.Tensor:
         loader = build_loader(packed_dir, splits["val"], batch_size=4, train=False, num_workers=0, noise_std=noise)

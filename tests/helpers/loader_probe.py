@@ -22,15 +22,14 @@ def main(shard_dir: str, out: str, batch_size: int, workers: int, eval_workers: 
     train = build_loader(shard_dir, splits["train"], batch_size=batch_size, train=True, num_workers=workers)
     for epoch in range(2):
         train.set_epoch(epoch)
-        keys, batches = [], 0
+        keys = []
         for batch in train:
             count = torch.tensor([float(len(batch.keys))])
             dist.all_reduce(count)
             assert count.item() == batch_size * dist.get_world_size()
             assert batch.images.is_contiguous(memory_format=torch.channels_last)
-            keys += batch.keys
-            batches += 1
-        record["train"].append({"batches": batches, "len": len(train), "keys": keys})
+            keys.append(batch.keys)
+        record["train"].append({"batches": len(keys), "len": len(train), "keys": keys})
     for name, split in (("val", splits["val"]), ("test", splits["test"])):
         loader = build_loader(shard_dir, split, batch_size=batch_size, train=False, num_workers=eval_workers)
         keys, batches = [], 0

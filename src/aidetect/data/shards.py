@@ -1,19 +1,26 @@
 """The training/evaluation loader over packed WebDataset shards.
 
-Each epoch the chosen shards are put in an order seeded by (seed, epoch) and read as one virtual
-sequence of N samples whose length the manifest gives exactly. That sequence is cut into contiguous
-ranges, one per (rank, worker); a worker reads only the shards its range covers, skipping into the
-first one. Because ranges are cut by sample count rather than by shard, any number of ranks and
-workers works with any number of shards, and:
+Each epoch the chosen shards are put in an order seeded by (seed, epoch), the samples within each
+shard are permuted (training only), and the result is read as one virtual sequence of N positions
+whose length the manifest gives exactly. Then:
 
-- training: every rank gets the same number of full batches, N // (world x batch) (the remainder,
-  fewer than one global batch, is dropped and differs from epoch to epoch), so no rank waits at an
-  all-reduce that another never reaches;
-- evaluation: the ranges tile the sequence, so every sample is seen exactly once across all ranks.
+- training: global batch t is positions [t x G, (t + 1) x G) with G = world x batch, and rank r takes
+  its r-th slice. Every rank gets N // G full batches (fewer than G samples are dropped, a different
+  remainder each epoch), so no rank waits at an all-reduce that another never reaches; and a global
+  batch holds the same samples however many ranks share it, so 2 ranks x batch 4 train like 1 x 8;
+- evaluation: rank r takes the r-th contiguous 1/world of the sequence, so every sample is seen
+  exactly once across all ranks.
+
+A rank's batches go round-robin to its DataLoader workers, the order in which the DataLoader
+returns them, and augmentation is seeded per sample: what a rank yields depends on nothing but
+(seed, epoch, rank, world, batch size), not on the number of workers. Each worker holds one whole
+shard in memory at a time; workers and ranks on one node that read the same shard share the page
+cache, so a node reads each shard from a parallel file system about once per epoch.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import json
@@ -37,12 +44,6 @@ from aidetect.errors import UserError
 class Shard:
     path: str
     count: int
-
-
-class ReadRange(NamedTuple):
-    shard: Shard
-    skip: int  # samples to pass over at the start of the shard
-    take: int
 
 
 class Batch(NamedTuple):
@@ -109,56 +110,26 @@ def epoch_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> li
     return order
 
 
-def rank_range(total: int, rank: int, world: int, batch_size: int, train: bool) -> tuple[int, int]:
-    """(start, count) of a rank's samples in the epoch's sequence."""
+def sample_permutation(shard: Shard, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Order in which a shard's samples enter the epoch's sequence (shards are read whole: any order is cheap)."""
+    indices = list(range(shard.count))
+    if shuffle:
+        random.Random(seeded("samples", seed, epoch, Path(shard.path).name)).shuffle(indices)
+    return indices
+
+
+def rank_batches(total: int, rank: int, world: int, batch_size: int, train: bool) -> list[range]:
+    """The positions of each of a rank's batches in the epoch's sequence, in the order it yields them."""
     if train:
-        count = (total // (world * batch_size)) * batch_size
-        return rank * count, count
+        stride, first = world * batch_size, rank * batch_size
+        return [range(t * stride + first, t * stride + first + batch_size) for t in range(total // stride)]
     start, stop = total * rank // world, total * (rank + 1) // world
-    return start, stop - start
+    return [range(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size)]
 
 
-def worker_counts(count: int, workers: int, batch_size: int) -> list[int]:
-    """Split a rank's samples over its workers in whole batches; a final partial batch goes to the
-    worker whose turn it is in the DataLoader's round-robin, so no worker yields two partial batches."""
-    full, remainder = divmod(count, batch_size)
-    counts = [(full // workers + (w < full % workers)) * batch_size for w in range(workers)]
-    counts[full % workers] += remainder
-    return counts
-
-
-def batches_per_rank(count: int, workers: int, batch_size: int) -> int:
-    return sum(-(-c // batch_size) for c in worker_counts(count, workers, batch_size))
-
-
-def read_ranges(order: list[Shard], start: int, count: int) -> list[ReadRange]:
-    """Which shards, and which samples in them, cover positions [start, start + count) of the sequence."""
-    ranges, offset, stop = [], 0, start + count
-    for shard in order:
-        lo, hi = max(start, offset), min(stop, offset + shard.count)
-        if lo < hi:
-            ranges.append(ReadRange(shard, lo - offset, hi - lo))
-        offset += shard.count
-    return ranges
-
-
-def worker_plan(
-    shards: list[Shard],
-    *,
-    seed: int,
-    epoch: int,
-    train: bool,
-    rank: int,
-    world: int,
-    worker: int,
-    workers: int,
-    batch_size: int,
-) -> list[ReadRange]:
-    order = epoch_order(shards, seed, epoch, shuffle=train)
-    total = sum(s.count for s in order)
-    rank_start, rank_count = rank_range(total, rank, world, batch_size, train)
-    counts = worker_counts(rank_count, workers, batch_size)
-    return read_ranges(order, rank_start + sum(counts[:worker]), counts[worker])
+def worker_batches(batches: list[range], worker: int, workers: int) -> list[range]:
+    """Round-robin, the order in which the DataLoader collects them: worker w makes batches w, w + workers, ..."""
+    return batches[worker::workers]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,19 +140,11 @@ class ShardDataset(IterableDataset):
     """Yields (uint8 HWC image, label, key) for this rank and worker; batching is the DataLoader's."""
 
     def __init__(
-        self,
-        shards: list[Shard],
-        *,
-        batch_size: int,
-        train: bool,
-        crop: int | None,
-        seed: int,
-        rank: int,
-        world: int,
-        shuffle_buffer: int,
+        self, shards: list[Shard], *, batch_size: int, train: bool, crop: int | None, seed: int, rank: int, world: int
     ) -> None:
         self.shards, self.batch_size, self.train, self.crop = shards, batch_size, train, crop
-        self.seed, self.rank, self.world, self.shuffle_buffer = seed, rank, world, shuffle_buffer
+        self.seed, self.rank, self.world = seed, rank, world
+        self.total = sum(s.count for s in shards)
         # In shared memory so that persistent DataLoader workers see set_epoch (they hold copies).
         self.shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
@@ -193,37 +156,32 @@ class ShardDataset(IterableDataset):
     def epoch(self, value: int) -> None:
         self.shared_epoch.fill_(value)
 
+    def batches(self) -> list[range]:
+        return rank_batches(self.total, self.rank, self.world, self.batch_size, self.train)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan = worker_plan(
-            self.shards,
-            seed=self.seed,
-            epoch=self.epoch,
-            train=self.train,
-            rank=self.rank,
-            world=self.world,
-            worker=worker,
-            workers=workers,
-            batch_size=self.batch_size,
-        )
-        samples = itertools.chain.from_iterable(read_samples(r) for r in plan)
-        generator = torch.Generator().manual_seed(seeded("augment", self.seed, self.epoch, self.rank, worker))
-        if self.train:
-            samples = shuffle_buffer(samples, self.shuffle_buffer, random.Random(generator.initial_seed()))
-        for sample in samples:
-            yield self.image(sample, generator), int(sample["cls"]), sample["__key__"]
+        epoch = self.epoch
+        order = epoch_order(self.shards, self.seed, epoch, shuffle=self.train)
+        starts = list(itertools.accumulate((s.count for s in order), initial=0))
+        loaded: dict[int, list[dict[str, Any]]] = {}
+        for batch in worker_batches(self.batches(), worker, workers):
+            for position in batch:
+                index = bisect.bisect_right(starts, position) - 1
+                if index not in loaded:
+                    loaded.clear()  # positions only grow: one shard in memory at a time
+                    samples = list(tar_samples(order[index].path))
+                    loaded[index] = [samples[i] for i in sample_permutation(order[index], self.seed, epoch, self.train)]
+                sample = loaded[index][position - starts[index]]
+                yield self.image(sample, epoch), int(sample["cls"]), sample["__key__"]
 
-    def image(self, sample: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        data = sample.get("jpg", sample.get("png"))
-        image = torch.from_numpy(decode_stored(data))
+    def image(self, sample: dict[str, Any], epoch: int) -> torch.Tensor:
+        image = torch.from_numpy(decode_stored(sample.get("jpg", sample.get("png"))))
         if self.train:
+            generator = torch.Generator().manual_seed(seeded("augment", self.seed, epoch, sample["__key__"]))
             return augment(image, self.crop or image.shape[0], generator)
         return center_crop_tensor(image, self.crop) if self.crop else image
-
-
-def read_samples(read: ReadRange) -> Iterator[dict[str, Any]]:
-    return itertools.islice(tar_samples(read.shard.path), read.skip, read.skip + read.take)
 
 
 def tar_samples(path: str) -> Iterator[dict[str, Any]]:
@@ -254,20 +212,6 @@ def tar_samples(path: str) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def shuffle_buffer(samples: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle of a stream through a buffer of ``size`` samples."""
-    buffer: list = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(size)
-        buffer[index], sample = sample, buffer[index]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 class ShardLoader:
     """Batches of normalised images for one rank; ``set_epoch`` before iterating, as with DistributedSampler."""
 
@@ -287,20 +231,23 @@ class ShardLoader:
         self.dataset.epoch = epoch
 
     def __len__(self) -> int:
-        d = self.dataset
-        total = sum(s.count for s in d.shards)
-        _, count = rank_range(total, d.rank, d.world, d.batch_size, d.train)
-        return batches_per_rank(count, max(1, self.num_workers), d.batch_size)
+        return len(self.dataset.batches())
 
     def __iter__(self) -> Iterator[Batch]:
         """Normalised batches on the device: uint8 crosses to the GPU (4x less than float) and is
         normalised there, as timm's prefetcher does."""
-        d = self.dataset
-        generator = torch.Generator(self.device).manual_seed(seeded("noise", d.seed, d.epoch, d.rank))
-        noise = self.noise_std if d.train else 0.0  # never noise evaluation images
-        for images, labels, keys in self.loader:
+        for step, (images, labels, keys) in enumerate(self.loader):
             images = images.to(self.device, non_blocking=True)
-            yield Batch(normalize_batch(images, noise, generator), labels.float().to(self.device), list(keys))
+            noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
+            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys))
+
+    def noise(self, step: int, shape: torch.Size) -> torch.Tensor:
+        """Noise for this rank's slice of global batch ``step``: the same however many ranks share it."""
+        d = self.dataset
+        generator = torch.Generator(self.device).manual_seed(seeded("noise", d.seed, d.epoch, step))
+        batch, height, width, channels = shape
+        noise = torch.randn((d.world * batch, channels, height, width), generator=generator, device=self.device)
+        return noise[d.rank * batch : (d.rank + 1) * batch].mul_(self.noise_std)
 
 
 def build_loader(
@@ -316,7 +263,6 @@ def build_loader(
     world: int | None = None,
     device: str | torch.device = "cpu",
     noise_std: float = 0.0,
-    shuffle_buffer: int = 1000,
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised."""
     if rank is None or world is None:
@@ -337,6 +283,5 @@ def build_loader(
         seed=seed,
         rank=rank,
         world=world,
-        shuffle_buffer=shuffle_buffer,
     )
     return ShardLoader(dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std)

@@ -69,18 +69,16 @@ def center_crop_tensor(image: torch.Tensor, crop: int) -> torch.Tensor:
     return image[top : top + crop, left : left + crop].contiguous()
 
 
-def normalize_batch(
-    images: torch.Tensor, noise_std: float = 0.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def normalize_batch(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 NHWC batch to a normalised float32 NCHW view (channels_last), on the batch's device.
 
-    ``noise_std`` adds Gaussian noise on the [0, 1] scale, as the original project did; callers pass
-    it for training batches only (the original also noised test images, which biased its numbers).
-    ``generator`` must live on the batch's device.
+    ``noise`` (NCHW, on the [0, 1] scale) is added before normalising, as the original project did;
+    callers pass it for training batches only (the original also noised test images, which biased
+    its numbers).
     """
     x = images.permute(0, 3, 1, 2).float().div_(255)
-    if noise_std > 0:
-        x.add_(torch.randn(x.shape, generator=generator, device=x.device), alpha=noise_std)
+    if noise is not None:
+        x.add_(noise)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
