@@ -31,7 +31,7 @@ from torchvision import datasets, transforms
 
 from aidetect.data.decode import decode_stored, reduced_decode_scale
 from aidetect.data.pack import MANIFEST, PackSettings, pack, scan_source
-from aidetect.data.shards import build_loader, read_manifest
+from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, select_shards
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
 
@@ -72,11 +72,19 @@ def bench_data(
 
 def machine() -> dict[str, Any]:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def time_pack(src: Path, shards: Path, settings: PackSettings, workers: int, files: int) -> dict[str, Any]:
@@ -127,21 +135,24 @@ def stored_images(shards: Path) -> list[bytes]:
 
 
 def loader_rates(shards: Path, batch_size: int, workers: int, min_images: int) -> tuple[float, float]:
-    """Steady-state rate of the training loader over every split, after a warm-up epoch that starts the
-    (persistent) workers: shards to batched uint8 tensors ready to cross to the device, and, second,
-    including normalisation on this CPU."""
-    splits = list(read_manifest(shards)["splits"])
-    loader = build_loader(shards, splits, batch_size=batch_size, train=True, num_workers=workers, world=1, rank=0)
+    """Steady-state rate of the training loader over every split: shards to batched uint8 tensors ready
+    to cross to the device, and (second figure) including normalisation on this CPU.
+
+    A small pack is listed several times over so that one epoch holds at least ``min_images`` (the
+    same images, as the floor decodes them); a warm-up epoch first starts the persistent workers.
+    """
+    listed = select_shards(shards, list(read_manifest(shards)["splits"]))
+    repeats = -(-min_images // sum(s.count for s in listed))
+    dataset = ShardDataset(listed * repeats, batch_size=batch_size, train=True, crop=None, seed=0, rank=0, world=1)
+    loader = ShardLoader(dataset, num_workers=workers, device=torch.device("cpu"), noise_std=0.0)
     rates = []
     for batches in (loader.loader, loader):  # the host pipeline alone, then as a CPU training loop sees it
         loader.set_epoch(0)
         for _ in batches:
             pass
-        started, images, epoch = time.perf_counter(), 0, 1
-        while images < min_images:
-            loader.set_epoch(epoch)
-            images += sum(len(batch[0]) for batch in batches)
-            epoch += 1
+        loader.set_epoch(1)
+        started = time.perf_counter()
+        images = sum(len(batch[0]) for batch in batches)
         rates.append(images / (time.perf_counter() - started))
     return rates[0], rates[1]
 
