@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     pack.set_defaults(handler=run_pack)
 
+    train = commands.add_parser("train", help="train a detector (1 process, torchrun or srun)")
+    add_config_options(train)
+    train.add_argument("--resume", default=None, help="'auto' (last.pt in the run folder) or a checkpoint path")
+    train.set_defaults(handler=run_train)
+
     bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
     data = benches.add_parser("data", help="pack and loader throughput against decode floors and the naive pipeline")
@@ -82,6 +87,41 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=250_000_000, help="pixel budget of one decoded image")
     parser.add_argument("--min-side", type=int, default=32, help="skip images with a shorter side")
     parser.add_argument("--on-truncated", default="repair", help="repair (inpaint the missing part) or skip")
+
+
+CONFIG_FLAGS = {
+    "data": "data.shards",
+    "model": "model.name",
+    "epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "lr": "optim.lr",
+    "precision": "train.precision",
+    "out": "train.out",
+    "fold": "data.fold",
+}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file or bundled config name (smoke, seed_model2, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
+    parser.add_argument("--data", help="pack folder (data.shards)")
+    parser.add_argument("--model", help="model.name: seed_cnn1, seed_cnn2, resnet18, resnet50, ...")
+    parser.add_argument("--epochs", type=int, help="train.epochs")
+    parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
+    parser.add_argument("--lr", type=float, help="optim.lr")
+    parser.add_argument("--precision", help="train.precision: auto, fp32, bf16, fp16")
+    parser.add_argument("--out", help="train.out: the run folder")
+    parser.add_argument("--fold", type=int, help="data.fold: the validation fold")
+
+
+def config_from_args(args: argparse.Namespace):
+    from aidetect.config import load_config, parse_override
+
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides |= {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
+    if getattr(args, "resume", None):
+        overrides["train.resume"] = args.resume
+    return load_config(args.config, overrides)
 
 
 def pack_settings(args: argparse.Namespace):
@@ -137,6 +177,17 @@ def run_pack(args: argparse.Namespace) -> int:
     )
     for split, counts in manifest["splits"].items():
         print(f"  {split:<6} {counts['total']:>7}  (real {counts['real']}, fake {counts['fake']})")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from aidetect.train import PREEMPTED_EXIT_CODE, Preempted, train
+
+    try:
+        train(config_from_args(args))
+    except Preempted as stopped:
+        print(f"aidetect: stopped with a checkpoint in {stopped}; continue with --resume auto", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -145,19 +145,20 @@ class ShardDataset(IterableDataset):
         self.shards, self.batch_size, self.train, self.crop = shards, batch_size, train, crop
         self.seed, self.rank, self.world = seed, rank, world
         self.total = sum(s.count for s in shards)
-        # In shared memory so that persistent DataLoader workers see set_epoch (they hold copies).
-        self.shared_epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # (epoch, first batch) in shared memory: persistent DataLoader workers hold copies of this object.
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
-        return int(self.shared_epoch.item())
+        return int(self.position[0])
 
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.shared_epoch.fill_(value)
+    @property
+    def start_batch(self) -> int:
+        return int(self.position[1])
 
     def batches(self) -> list[range]:
-        return rank_batches(self.total, self.rank, self.world, self.batch_size, self.train)
+        """This rank's batches still to come in the epoch (all of them unless resumed mid-epoch)."""
+        return rank_batches(self.total, self.rank, self.world, self.batch_size, self.train)[self.start_batch :]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         info = get_worker_info()
@@ -227,8 +228,9 @@ class ShardLoader:
             persistent_workers=num_workers > 0,  # no fork and warm-up per epoch
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch (its order and augmentation) and, to resume mid-epoch, the first batch."""
+        self.dataset.position.copy_(torch.tensor([epoch, start_batch]))
 
     def __len__(self) -> int:
         return len(self.dataset.batches())
@@ -236,7 +238,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """Normalised batches on the device: uint8 crosses to the GPU (4x less than float) and is
         normalised there, as timm's prefetcher does."""
-        for step, (images, labels, keys) in enumerate(self.loader):
+        for step, (images, labels, keys) in enumerate(self.loader, start=self.dataset.start_batch):
             images = images.to(self.device, non_blocking=True)
             noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
             yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys))

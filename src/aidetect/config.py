@@ -1,0 +1,215 @@
+"""Run configuration: a YAML file (or a name from the bundled ``configs/``) plus command-line overrides.
+
+Every key is declared below with its type and default; an unknown key, a wrong type or a missing
+data path is reported as one line naming the key (exit code 2). The resolved configuration is saved
+in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aidetect.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # pack folder (aidetect pack OUT)
+    fold: int | None = 0  # validation fold (trained on the others); None: train on every fold, validate on fold 0
+    crop: int | None = None  # training/evaluation crop in px (default: the packed size)
+    batch_size: int = 32  # per process
+    workers: int = 4  # DataLoader workers per process
+    noise_std: float = 0.0  # Gaussian noise on [0, 1] images, training only
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seed_cnn2"
+    pretrained: str | None = None  # local weights file; nothing is downloaded
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3  # for the global batch given; not rescaled with the number of processes
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    clip_grad: float | None = None  # max gradient norm
+    accumulate: int = 1  # gradient accumulation steps
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"  # multistep | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [3, 5])  # epochs (multistep)
+    gamma: float = 0.5  # multistep factor
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    seed: int = 0
+    deterministic: bool = False
+    out: str = "runs/train"
+    best_metric: str = "auroc"
+    log_every: int = 20  # steps between progress lines when not on a terminal
+    resume: str | None = None  # "auto" (last.pt in out) or a checkpoint path
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None  # online | offline | disabled; default: offline without an API key
+    project: str = "aidetect"
+    entity: str | None = None
+    group: str | None = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+CHOICES = {
+    "optim.name": ("adam", "adamw", "sgd"),
+    "schedule.name": ("multistep", "cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.best_metric": ("accuracy", "precision", "recall", "f1", "auroc", "ap", "loss"),
+    "wandb.mode": ("online", "offline", "disabled", None),
+}
+
+
+def bundled_configs() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml") for p in resources.files("aidetect.configs").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def read_yaml(source: str) -> dict[str, Any]:
+    """A config file path, or the name of a bundled config (``smoke``, ``seed_model2``, ...)."""
+    path = Path(source)
+    if not path.is_file():
+        bundled = resources.files("aidetect.configs") / f"{source}.yaml"
+        if not bundled.is_file():
+            raise UserError(f"{source}: config not found; pass a YAML file or one of {', '.join(bundled_configs())}")
+        path = Path(str(bundled))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config is a mapping of sections (data, model, optim, ...)")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``optim.lr=3e-4`` -> ("optim.lr", 0.0003): values are parsed as YAML scalars or lists."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise UserError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. optim.lr=3e-4")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def load_config(source: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated key by key."""
+    raw = read_yaml(source) if source else {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise UserError(f"config section {section!r} must be a mapping")
+        raw[section][key] = value
+    return build(Config, raw, "")
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(
+            f"config key {prefix}{unknown[0]} is unknown; {prefix or 'sections'}: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        hint, dotted = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = build(hint, value, f"{dotted}.")
+        else:
+            values[name] = check_type(dotted, value, hint)
+    return cls(**values)
+
+
+def check_type(key: str, value: Any, hint: Any) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in allowed:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option in (str, bool) and isinstance(value, option):
+            return value
+        origin = typing.get_origin(option)
+        if origin is list and isinstance(value, list):
+            item = typing.get_args(option)[0]
+            return [check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
+    raise UserError(f"config key {key} must be {names}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Checks across keys, and those that need the file system (after overrides are applied)."""
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in options:
+            raise UserError(f"config key {dotted} must be one of {', '.join(map(str, options))}, got {value!r}")
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "train.epochs": config.train.epochs,
+        "optim.accumulate": config.optim.accumulate,
+        "optim.lr": config.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"config key {key} must be positive, got {value}")
+    if not config.data.shards:
+        raise UserError("config key data.shards is not set; pass --data PACK_DIR (made by aidetect pack)")
+    if not (Path(config.data.shards) / "manifest.json").is_file():
+        raise UserError(
+            f"data.shards {config.data.shards}: no manifest.json there; run 'aidetect pack SRC {config.data.shards}'"
+        )
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Path) -> None:
+    from aidetect.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())

@@ -1,0 +1,1 @@
+"""Bundled run configurations: pass their names to ``aidetect train --config``."""

@@ -1,0 +1,382 @@
+"""``aidetect train``: the training driver, the same code path for 1 process, torchrun and srun.
+
+Each epoch trains, then evaluates on the validation fold in eval mode with no gradients; ``best.pt``
+(by ``train.best_metric``) and ``last.pt`` are kept; after the last epoch ``best.pt`` is evaluated on
+the test split into ``test_metrics.json``. SIGTERM / SIGUSR1 (SLURM's warning before a time limit or
+preemption) make every rank stop at the same step and save ``last.pt`` with its position, and
+``--resume auto`` continues from there with the same data order, augmentation and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from aidetect import plots
+from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aidetect.config import Config, save_config, to_dict, validate
+from aidetect.data.shards import build_loader, fold_splits, read_manifest
+from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
+from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
+from aidetect.fileio import atomic_write_json
+from aidetect.metrics import Predictions, compute_metrics, curves, is_better
+from aidetect.models import build_model
+from aidetect.tracking import Tracker
+
+PREEMPTED_EXIT_CODE = 3  # "stopped on a signal with a checkpoint saved: resume with --resume auto"
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is saved; the CLI turns it into PREEMPTED_EXIT_CODE."""
+
+
+@dataclass
+class RunState:
+    """Where the run is: saved in every checkpoint."""
+
+    epoch: int = 0  # epoch in progress (or next to start)
+    batch: int = 0  # batches of that epoch already done
+    step: int = 0  # optimiser steps so far
+    best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "epoch"}
+    history: list[dict] = field(default_factory=list)
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run the configured training; returns the test metrics of the best checkpoint."""
+    validate(config)
+    info = setup_distributed()
+    try:
+        return Trainer(config, info).run()
+    finally:
+        cleanup_distributed()
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; checked (and agreed across ranks) after every optimiser step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self.request)
+
+    def request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+class Trainer:
+    def __init__(self, config: Config, info: DistInfo) -> None:
+        self.config, self.info = config, info
+        self.out = Path(config.train.out)
+        self.manifest = read_manifest(config.data.shards)
+        self.image_size = config.data.crop or self.manifest["settings"]["size"]
+        self.precision = resolve_precision(config.train.precision, info.device)
+        seed_everything(config.train.seed + info.rank, config.train.deterministic)
+        self.splits = self.choose_splits()
+        self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
+        self.model = build_model(config.model.name, self.image_size, config.model.pretrained).to(info.device)
+        if config.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        steps_per_epoch = math.ceil(len(self.loaders["train"]) / config.optim.accumulate)
+        self.optimizer = make_optimizer(self.model, config)
+        self.scheduler = make_scheduler(self.optimizer, config, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
+        self.state = RunState()
+        resumed = self.resume()
+        self.tracker = Tracker(config, self.out, resumed.get("wandb_id"), enabled=info.is_main)
+        self.stop = StopFlag()
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def choose_splits(self) -> dict[str, list[str]]:
+        folds = self.manifest["settings"]["folds"]
+        fold = self.config.data.fold
+        if fold is None:  # train on every fold; fold 0 still reports validation figures
+            return {"train": [f"fold{k}" for k in range(folds)], "val": ["fold0"], "test": ["test"]}
+        return fold_splits(folds, fold)
+
+    def make_loader(self, split: str):
+        data, train = self.config.data, split == "train"
+        return build_loader(
+            data.shards,
+            self.splits[split],
+            batch_size=data.batch_size,
+            train=train,
+            crop=data.crop,
+            num_workers=data.workers,
+            seed=self.config.train.seed,
+            rank=self.info.rank,
+            world=self.info.world,
+            device=self.info.device,
+            noise_std=data.noise_std if train else 0.0,
+        )
+
+    def resume(self) -> dict[str, Any]:
+        source = self.config.train.resume
+        path = self.out / "last.pt" if source == "auto" else Path(source) if source else None
+        if path is None or (source == "auto" and not path.exists()):
+            return {}
+        checkpoint = load_checkpoint(path)
+        unwrap(self.model).load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = RunState(**checkpoint["state"])
+        if len(checkpoint["rng"]) == self.info.world:
+            set_rng_state(checkpoint["rng"][self.info.rank])
+        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, batch {self.state.batch}")
+        return checkpoint
+
+    def wrapped_model(self) -> nn.Module:
+        model: nn.Module = self.model
+        if self.info.world > 1:
+            device_ids = [self.info.device] if self.info.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        if self.config.model.compile:
+            model = torch.compile(model)
+        return model
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.out / "config.yaml")
+        config = self.config
+        stepper = Stepper(
+            self.wrapped_model(),
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.info.device,
+            self.precision,
+            config.optim.accumulate,
+            config.optim.clip_grad,
+            config.model.channels_last,
+        )
+        self.log(
+            f"training {config.model.name} on {self.info.world} process(es), {self.info.device.type}, "
+            f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
+        )
+        for epoch in range(self.state.epoch, config.train.epochs):
+            start_batch = self.state.batch
+            self.loaders["train"].set_epoch(epoch, start_batch)
+            progress = Progress(self, epoch, start_batch)
+            result = train_one_epoch(
+                stepper,
+                self.loaders["train"],
+                start_batch,
+                lambda: stop_agreed(self.stop.requested, self.info.device),
+                progress.update,
+            )
+            progress.close()
+            self.state.step = self.scheduler.last_epoch
+            if result.stopped:
+                self.state.epoch, self.state.batch = epoch, start_batch + result.batches
+                self.save("last.pt")
+                self.log(f"stopped by a signal at epoch {epoch + 1}, batch {self.state.batch}: saved last.pt")
+                self.tracker.finish()
+                raise Preempted(str(self.out / "last.pt"))
+            self.end_epoch(epoch, result)
+        return self.test()
+
+    def end_epoch(self, epoch: int, result: EpochResult) -> None:
+        config = self.config
+        predictions = evaluate(
+            self.model, self.loaders["val"], self.info.device, self.precision, config.model.channels_last
+        ).gather()
+        metrics = compute_metrics(predictions)
+        train_loss = float(np.mean(all_gather_objects(result.loss)))
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": result.images * self.info.world / max(result.seconds, 1e-9),
+            "val": metrics,
+        }
+        self.state.history.append(row)
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        value = metrics[config.train.best_metric]
+        improved = is_better(config.train.best_metric, value, self.state.best.get("value"))
+        if improved:
+            self.state.best = {"metric": config.train.best_metric, "value": value, "epoch": epoch + 1}
+        if self.info.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            plots.training_curves(self.state.history, self.out / "curves.png")
+            self.tracker.log_evaluation("val", metrics, self.state.step)
+            self.tracker.log({"epoch": epoch + 1, "train/epoch_loss": train_loss}, self.state.step)
+        self.log(
+            f"epoch {epoch + 1}/{config.train.epochs}: train loss {train_loss:.4f}, val loss "
+            f"{metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}, auroc {metrics['auroc']:.4f}"
+            f"{' (best)' if improved else ''}"
+        )
+        if improved:
+            self.save("best.pt")
+        self.save("last.pt")
+
+    def test(self) -> dict[str, Any]:
+        """Evaluate the best checkpoint (never the last epoch's weights) on the test split."""
+        barrier()
+        best = load_checkpoint(self.out / "best.pt")
+        unwrap(self.model).load_state_dict(best["model"])
+        loader = self.make_loader("test")
+        predictions = evaluate(
+            self.model, loader, self.info.device, self.precision, self.config.model.channels_last
+        ).gather()
+        metrics = compute_metrics(predictions) | {"best_epoch": best["state"]["best"].get("epoch")}
+        if self.info.is_main:
+            atomic_write_json(self.out / "test_metrics.json", metrics)
+            paths = report_plots(predictions, metrics, self.out, "test")
+            self.tracker.log_evaluation("test", metrics, self.state.step, misclassified(self.config, predictions))
+            self.tracker.log_plots("test", paths, self.state.step)
+            self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
+            self.log(
+                f"test (best epoch {metrics['best_epoch']}): accuracy {metrics['accuracy']:.4f}, "
+                f"auroc {metrics['auroc']:.4f}, f1 {metrics['f1']:.4f} -> {self.out / 'test_metrics.json'}"
+            )
+        self.tracker.finish()
+        return metrics
+
+    def save(self, name: str) -> None:
+        """Every rank contributes its RNG state; rank 0 writes the file atomically."""
+        rngs = all_gather_objects(rng_state())
+        if self.info.is_main:
+            save_checkpoint(
+                self.out / name,
+                {
+                    "model": unwrap(self.model).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "state": vars(self.state),
+                    "rng": rngs,
+                    "config": to_dict(self.config),
+                    "preprocess": self.manifest["settings"] | {"crop": self.config.data.crop},
+                    "wandb_id": self.tracker.run_id,
+                    "world": self.info.world,
+                },
+            )
+        barrier()
+
+    def log(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"[aidetect] {message}", flush=True)
+
+
+class Progress:
+    """Rank 0's progress: a tqdm bar on a terminal, a plain line every ``log_every`` steps otherwise
+    (SLURM log files); per-step loss, learning rate and throughput also go to wandb."""
+
+    def __init__(self, trainer: Trainer, epoch: int, start_batch: int) -> None:
+        self.trainer, self.epoch = trainer, epoch
+        self.total = start_batch + len(trainer.loaders["train"])
+        self.started, self.images, self.done = time.perf_counter(), 0, 0
+        interactive = trainer.info.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=self.total, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not interactive)
+
+    def update(self, index: int, loss: float, images: int) -> None:
+        trainer = self.trainer
+        self.images += images * trainer.info.world
+        self.done += 1
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", refresh=False)
+        self.bar.update()
+        if trainer.info.is_main:
+            trainer.tracker.log(
+                {"train/loss": loss, "train/lr": lr, "train/img_per_s": rate}, trainer.scheduler.last_epoch
+            )
+        if self.bar.disable and trainer.info.is_main and (index + 1) % trainer.config.train.log_every == 0:
+            eta = (self.total - index - 1) * (time.perf_counter() - self.started) / self.done
+            trainer.log(
+                f"epoch {self.epoch + 1} batch {index + 1}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{rate:.0f} img/s eta {eta:.0f}s"
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    optim = config.optim
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
+    """Per-step learning-rate factor: linear warmup, then multi-step halving (the original recipe),
+    cosine decay to ``min_lr``, or constant."""
+    schedule, epochs = config.schedule, config.train.epochs
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+    total = max(epochs * steps_per_epoch, 1)
+    floor = schedule.min_lr / config.optim.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule.name == "multistep":
+            return schedule.gamma ** sum(step >= m * steps_per_epoch for m in schedule.milestones)
+        if schedule.name == "cosine":
+            progress = (step - warmup) / max(total - warmup, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def report_plots(predictions: Predictions, metrics: dict, out: Path, name: str) -> dict[str, Path]:
+    paths = {"confusion": plots.confusion_matrix(metrics, out / f"{name}_confusion.png", name)}
+    if predictions.labels and len(set(predictions.labels)) == 2:
+        roc, pr = plots.roc_pr(curves(predictions), metrics, out / f"{name}_roc.png", out / f"{name}_pr.png", name)
+        paths |= {"roc": roc, "pr": pr}
+    return paths
+
+
+def misclassified(config: Config, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:
+    """Up to ``limit`` misclassified test images with captions, read back from the test shards."""
+    from aidetect.data.decode import decode_stored
+    from aidetect.data.shards import select_shards, tar_samples
+
+    wrong = {
+        k: (p, y)
+        for k, p, y in zip(predictions.keys, predictions.probabilities, predictions.labels, strict=True)
+        if (p >= 0.5) != (y == 1)
+    }
+    found = []
+    for shard in select_shards(config.data.shards, ["test"]):
+        for sample in tar_samples(shard.path):
+            if sample["__key__"] in wrong and len(found) < limit:
+                probability, label = wrong[sample["__key__"]]
+                caption = f"{'fake' if label else 'real'} predicted p(fake)={probability:.2f}"
+                found.append((decode_stored(sample.get("jpg", sample.get("png"))), caption))
+    return found
