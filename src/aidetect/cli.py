@@ -60,6 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, help="'auto' (last.pt in the run folder) or a checkpoint path")
     train.set_defaults(handler=run_train)
 
+    evaluate = commands.add_parser("evaluate", help="metrics and plots of a checkpoint on a split of a pack")
+    evaluate.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
+    evaluate.add_argument("--data", required=True, help="pack folder")
+    evaluate.add_argument("--split", default="test", help="test (default), fold0, ...")
+    evaluate.add_argument(
+        "--out", default=None, help="folder for eval_SPLIT.json and plots (default: the checkpoint's)"
+    )
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.set_defaults(handler=run_evaluate)
+
+    predict = commands.add_parser("predict", help="probability that raw images are AI-generated, as CSV")
+    predict.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
+    predict.add_argument("paths", nargs="+", help="image files or folders")
+    predict.add_argument("--csv", default="predictions.csv", help="output CSV (default predictions.csv)")
+    predict.set_defaults(handler=run_predict)
+
+    demo = commands.add_parser("demo", help="synthetic data -> pack -> train -> test metrics, minutes on a CPU")
+    demo.add_argument("--out", default="demo", help="folder for data, shards and the run (default demo)")
+    demo.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
+    demo.add_argument("--workers", type=int, default=None)
+    demo.set_defaults(handler=run_demo)
+
     bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
     data = benches.add_parser("data", help="pack and loader throughput against decode floors and the naive pipeline")
@@ -188,6 +210,29 @@ def run_train(args: argparse.Namespace) -> int:
     except Preempted as stopped:
         print(f"aidetect: stopped with a checkpoint in {stopped}; continue with --resume auto", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from aidetect.inference import evaluate
+
+    metrics = evaluate(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from aidetect.inference import predict
+
+    counts = predict(args.checkpoint, args.paths, args.csv)
+    print(f"wrote {counts['files']} rows to {args.csv} ({counts['errors']} unreadable, see its error column)")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from aidetect.demo import demo
+
+    demo(args.out, n=args.n, workers=check_workers(args.workers))
     return 0
 
 

@@ -1,0 +1,148 @@
+"""``aidetect evaluate`` (a checkpoint on a split of a pack) and ``aidetect predict`` (on raw image files).
+
+Both rebuild the model and the preprocessing from the checkpoint alone: ``predict`` decodes and
+preprocesses raw files exactly as ``pack`` did for training (the settings travel in the checkpoint),
+then centre-crops and normalises as the evaluation loader does.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aidetect.checkpoint import load_checkpoint
+from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_image, decode_stored, first_line
+from aidetect.data.pack import encode
+from aidetect.data.shards import build_loader, read_manifest
+from aidetect.data.transforms import center_crop, normalize_batch, preprocess
+from aidetect.distributed import cleanup_distributed, setup_distributed
+from aidetect.engine import evaluate as evaluate_split
+from aidetect.engine import resolve_precision
+from aidetect.errors import UserError
+from aidetect.fileio import atomic_write_bytes, atomic_write_json
+from aidetect.metrics import compute_metrics
+from aidetect.models import build_model
+from aidetect.train import report_plots
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
+    preprocess_settings = checkpoint["preprocess"]
+    image_size = preprocess_settings["crop"] or preprocess_settings["size"]
+    model = build_model(checkpoint["config"]["model"]["name"], image_size)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def evaluate(
+    checkpoint_path: str, data: str, split: str = "test", out: str | None = None, batch_size: int = 64, workers: int = 2
+) -> dict[str, Any]:
+    """Metrics (and plots) of a checkpoint on one split; runs as one process or under torchrun."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    manifest = read_manifest(data)
+    packed, trained = manifest["settings"], checkpoint["preprocess"]
+    mismatched = [k for k in ("mode", "size", "codec") if packed[k] != trained[k]]
+    if mismatched:
+        raise UserError(f"{data}: packed with other {', '.join(mismatched)} than the checkpoint was trained on")
+    info = setup_distributed()
+    try:
+        model = model_from_checkpoint(checkpoint, info.device)
+        loader = build_loader(
+            data,
+            [split],
+            batch_size=batch_size,
+            train=False,
+            crop=trained["crop"],
+            num_workers=workers,
+            device=info.device,
+        )
+        precision = resolve_precision(checkpoint["config"]["train"]["precision"], info.device)
+        predictions = evaluate_split(model, loader, info.device, precision, channels_last=False).gather()
+        metrics = compute_metrics(predictions)
+        if info.is_main:
+            folder = Path(out) if out else Path(checkpoint_path).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / f"eval_{split}.json", metrics)
+            report_plots(predictions, metrics, folder, f"eval_{split}")
+        return metrics
+    finally:
+        cleanup_distributed()
+
+
+def image_files(paths: list[str]) -> Iterator[Path]:
+    """The files named, and every file under the folders named, in sorted order."""
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                yield from (Path(root) / f for f in sorted(files) if f.lower() not in SYSTEM_FILES)
+        else:
+            yield path
+
+
+def load_for_prediction(path: Path, settings: dict[str, Any]) -> torch.Tensor:
+    """One raw file -> uint8 HWC tensor, preprocessed exactly as the checkpoint's pack was."""
+    if not path.is_file():
+        raise UnreadableImage("file not found")
+    decoded = decode_image(
+        path,
+        long_side=settings["size"] if settings["mode"] == "resize" else None,
+        min_side=settings["min_side"],
+        max_pixels=settings["max_pixels"],
+        repair_truncated=settings["on_truncated"] == "repair",
+    )
+    pixels = preprocess(decoded.pixels, settings["mode"], settings["size"])
+    # Through the same encoder and decoder as pack and the loader: the model saw these JPEG artefacts.
+    pixels = decode_stored(encode(pixels, settings["codec"], settings["quality"]))
+    if settings["crop"]:
+        pixels = center_crop(pixels, settings["crop"])
+    return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
+def predict(checkpoint_path: str, paths: list[str], csv_path: str, batch_size: int = 32) -> dict[str, int]:
+    """Write ``csv_path`` with one row per file: path, probability of fake, label, error (if unreadable)."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_from_checkpoint(checkpoint, device)
+    rows: list[dict[str, Any]] = []
+    pending: list[tuple[int, torch.Tensor]] = []
+    for path in image_files(paths):
+        try:
+            image = load_for_prediction(path, checkpoint["preprocess"])
+            rows.append({"path": str(path), "prob_fake": "", "label": "", "error": ""})
+            pending.append((len(rows) - 1, image))
+        except (UnreadableImage, ValueError, OSError) as exc:
+            rows.append({"path": str(path), "prob_fake": "", "label": "", "error": first_line(exc)})
+        if len(pending) == batch_size:
+            score(model, pending, rows, device)
+            pending = []
+    if pending:
+        score(model, pending, rows, device)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["path", "prob_fake", "label", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(csv_path, buffer.getvalue().encode())
+    return {"files": len(rows), "errors": sum(1 for r in rows if r["error"])}
+
+
+@torch.no_grad()
+def score(model: nn.Module, pending: list[tuple[int, torch.Tensor]], rows: list[dict], device: torch.device) -> None:
+    """Score images of one size together; images of another size (when no crop is set) go one by one."""
+    by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    for index, image in pending:
+        by_shape.setdefault(tuple(image.shape), []).append((index, image))
+    for group in by_shape.values():
+        images = torch.stack([image for _, image in group]).to(device)
+        probabilities = torch.sigmoid(model(normalize_batch(images)).float()).tolist()
+        for (index, _), probability in zip(group, probabilities, strict=True):
+            rows[index]["prob_fake"] = f"{probability:.6f}"
+            rows[index]["label"] = "fake" if probability >= 0.5 else "real"
