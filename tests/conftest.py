@@ -32,6 +32,15 @@ def packed_dir(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small native crops for fast training tests (period-2 traces survive 32 px crops)."""
+    root = tmp_path_factory.mktemp("tiny")
+    synth(root / "raw", n=120, seed=5, defects=True, workers=2, min_side=64, max_side=128)
+    pack(root / "raw", root / "shards", PackSettings(mode="crop", size=32, shard_size=16), workers=2, progress=False)
+    return root / "shards"
+
+
 def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """Run the installed command line as a user would, in a fresh process."""
     return subprocess.run(

@@ -188,6 +188,10 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), key)
         if value not in options:
             raise UserError(f"config key {dotted} must be one of {', '.join(map(str, options))}, got {value!r}")
+    from aidetect.models import MODELS
+
+    if config.model.name not in MODELS:
+        raise UserError(f"config key model.name {config.model.name!r} is unknown; choose one of {', '.join(MODELS)}")
     positive = {
         "data.batch_size": config.data.batch_size,
         "train.epochs": config.train.epochs,

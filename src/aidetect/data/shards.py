@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,8 @@ class ShardLoader:
     def __init__(self, dataset: ShardDataset, *, num_workers: int, device: torch.device, noise_std: float) -> None:
         self.dataset, self.device, self.noise_std = dataset, device, noise_std
         self.num_workers = num_workers
+        # The workers are asked for explicitly; torch's "more workers than cores" hint is noise in job logs.
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         self.loader = DataLoader(
             dataset,
             batch_size=dataset.batch_size,

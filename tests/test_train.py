@@ -1,0 +1,234 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from aidetect.checkpoint import load_checkpoint
+from aidetect.metrics import METRIC_KEYS
+
+BASE = [
+    "--model",
+    "seed_cnn1",
+    "--epochs",
+    "3",
+    "--lr",
+    "0.001",
+    "--precision",
+    "fp32",
+    "--set",
+    "data.workers=1",
+    "--set",
+    "data.noise_std=0.05",
+    "--set",
+    "schedule.name=cosine",
+    "--set",
+    "train.log_every=1",
+]
+
+
+def train_args(pack: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(pack), "--out", str(out), *BASE, *extra]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, "-m", "aidetect.cli", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / name)["model"]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path, tmp_path: Path) -> None:
+    one = run_cli(*train_args(tiny_pack, tmp_path / "one", "--batch-size", "8"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*train_args(tiny_pack, tmp_path / "two", "--batch-size", "4"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    one_metrics = json.loads((tmp_path / "one" / "test_metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+    assert one_metrics["samples"] == two_metrics["samples"] > 0
+    assert abs(one_metrics["auroc"] - two_metrics["auroc"]) < 1e-3
+
+
+def test_metrics_under_two_ranks_equal_one_rank(tiny_pack: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli(*train_args(tiny_pack, run, "--epochs", "1", "--batch-size", "8")).returncode == 0
+    single = run_cli(
+        "evaluate",
+        str(run / "best.pt"),
+        "--data",
+        str(tiny_pack),
+        "--split",
+        "fold0",
+        "--out",
+        str(tmp_path / "single"),
+        "--batch-size",
+        "5",
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = torchrun(
+        "evaluate",
+        str(run / "best.pt"),
+        "--data",
+        str(tiny_pack),
+        "--split",
+        "fold0",
+        "--out",
+        str(tmp_path / "double"),
+        "--batch-size",
+        "5",
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = json.loads((tmp_path / "single" / "eval_fold0.json").read_text())
+    two = json.loads((tmp_path / "double" / "eval_fold0.json").read_text())
+    fold_size = json.loads((tiny_pack / "manifest.json").read_text())["splits"]["fold0"]["total"]
+    assert one["samples"] == two["samples"] == fold_size  # every sample once, not rank 0's share
+    for key in METRIC_KEYS:
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+
+
+def test_killed_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_path: Path) -> None:
+    args = ["--batch-size", "8", "--set", "train.deterministic=true"]
+    reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # kill -9 in the middle of the second epoch
+        if "epoch 2 batch 3/" in line:
+            process.kill()
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
+    resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "reference"), weights(out)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_sigterm_saves_the_position_and_resume_continues_exactly(tiny_pack: Path, tmp_path: Path) -> None:
+    args = ["--batch-size", "8", "--set", "train.deterministic=true"]
+    reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args))
+    assert reference.returncode == 0
+    out = tmp_path / "preempted"
+    command = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "epoch 2 batch 2/" in line:
+            process.send_signal(signal.SIGTERM)  # what SLURM sends before a time limit or preemption
+            break
+    process.communicate(timeout=120)
+    assert process.returncode == 3
+    state = load_checkpoint(out / "last.pt")["state"]
+    assert state["epoch"] == 1 and state["batch"] >= 2  # mid-epoch: the position is saved
+    resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "reference"), weights(out)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_autocast_paths_run_on_cpu(tiny_pack: Path, tmp_path: Path, precision: str) -> None:
+    out = tmp_path / precision
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "1", "--precision", precision, "--model", "seed_cnn2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cpu, {precision}" in result.stdout
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert set(METRIC_KEYS) <= metrics.keys() and metrics["loss"] == metrics["loss"]  # not NaN
+    scaler = load_checkpoint(out / "last.pt")["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # GradScaler only for fp16
+
+
+def test_outputs_plots_and_offline_wandb_without_secrets(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = os.environ | {"WANDB_API_KEY": "secret-key-0123456789abcdef0123456789abcdef01234567", "WANDB_MODE": "offline"}
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "2", "--batch-size", "8"), env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(set(METRIC_KEYS) <= r["val"].keys() for r in rows)
+    for name in ("curves.png", "test_confusion.png", "test_roc.png", "test_pr.png", "config.yaml", "best.pt"):
+        assert (out / name).stat().st_size > 0, name
+    records = list(out.glob("wandb/offline-run-*/run-*.wandb"))  # what `wandb sync` uploads later
+    assert len(records) == 1
+    logged = records[0].read_bytes()  # protobuf records: keys are stored as plain UTF-8
+    for key in ("test/accuracy", "test/auroc", "test/misclassified", "val/accuracy", "val/confusion", "train/loss"):
+        assert key.encode() in logged, key
+    leaked = [p for p in out.rglob("*") if p.is_file() and b"secret-key-0123" in p.read_bytes()]
+    assert not leaked
+
+
+def test_evaluate_and_predict_reproduce_the_test_metrics(tiny_pack: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli(*train_args(tiny_pack, run, "--epochs", "2", "--batch-size", "8")).returncode == 0
+    result = run_cli("evaluate", str(run / "best.pt"), "--data", str(tiny_pack))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((run / "eval_test.json").read_text())
+    tested = json.loads((run / "test_metrics.json").read_text())
+    assert {k: evaluated[k] for k in METRIC_KEYS} == pytest.approx({k: tested[k] for k in METRIC_KEYS})
+    manifest = json.loads((tiny_pack / "manifest.json").read_text())
+    raw = Path(manifest["source"]["path"])
+    test_files = [raw / p for s in manifest["shards"] if s["split"] == "test" for p in s["paths"]]
+    predicted = run_cli(
+        "predict",
+        str(run / "best.pt"),
+        *map(str, test_files),
+        str(raw / "real" / "empty.jpg"),
+        "--csv",
+        str(tmp_path / "p.csv"),
+    )
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert rows[-1]["error"] == "empty file (0 bytes)" and rows[-1]["prob_fake"] == ""
+    correct = [(r["label"] == "fake") == ("/fake/" in r["path"]) for r in rows[:-1]]
+    assert sum(correct) / len(correct) == pytest.approx(tested["accuracy"])  # the same preprocessing as training
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "optim.lrr=1"], "config key optim.lrr is unknown"),
+        (["--set", "optim.lr=fast"], "config key optim.lr must be float"),
+        (["--set", "train.precision=fp8"], "train.precision must be one of"),
+        (["--config", "nonexistent"], "nonexistent: config not found"),
+        (["--set", "model.name=vgg"], "model.name 'vgg' is unknown"),
+        (["--set", "data=3"], "expected SECTION.KEY=VALUE"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tiny_pack: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    result = run_cli("train", "--data", str(tiny_pack), "--out", str(tmp_path / "r"), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_missing_data_and_corrupt_checkpoints_are_one_clear_line(tiny_pack: Path, tmp_path: Path) -> None:
+    missing = run_cli("train", "--config", "smoke", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert missing.returncode == 2 and "no manifest.json there" in missing.stderr
+    run = tmp_path / "run"
+    assert run_cli(*train_args(tiny_pack, run, "--epochs", "1", "--batch-size", "8")).returncode == 0
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint at all")
+    for args in (
+        train_args(tiny_pack, run, "--resume", "auto"),
+        ["evaluate", str(tmp_path / "foreign.pt"), "--data", str(tiny_pack)],
+        ["predict", str(tmp_path / "missing.pt"), str(tiny_pack)],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr[-1000:]
+        assert len(result.stderr.strip().splitlines()) == 1 and "checkpoint" in result.stderr
