@@ -27,3 +27,16 @@ def test_bench_data_measures_every_stage_and_writes_json(synth_dir: Path, tmp_pa
         assert "load / naive" in result.stdout and "floor img/s" in result.stdout
     assert (tmp_path / "shards" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench0.json", "bench1.json", "shards"]
+
+
+def test_bench_train_compares_the_loop_with_bare_pytorch(tmp_path: Path) -> None:
+    args = ["bench", "train", "--json", str(tmp_path / "train.json"), "--model", "seed_cnn1", "--image-size", "32"]
+    result = run_cli(*args, "--batch-size", "8", "--steps", "4", "--precisions", "fp32,bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "train.json").read_text())
+    assert figures["loop_overhead_ratio"] == figures["loop_img_per_s"] / figures["bare_img_per_s"] > 0
+    assert set(figures["settings"]) == {"fp32/contiguous", "fp32/channels_last", "bf16/contiguous", "bf16/channels_last"}
+    assert all(rate > 0 for rate in figures["settings"].values()) and figures["device"] == "cpu"
+    assert "loop_overhead_ratio" in result.stdout
+    bad = run_cli("bench", "train", "--precisions", "fp8")
+    assert bad.returncode == 2 and "--precisions: unknown fp8" in bad.stderr

@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--min-images", type=int, default=4096, help="images timed through the loader and its floor")
     add_pack_options(data)
     data.set_defaults(handler=run_bench_data)
+    loop = benches.add_parser("train", help="training-loop throughput vs a bare PyTorch loop, per precision")
+    loop.add_argument("--json", default=None, help="write the figures to this JSON file")
+    loop.add_argument("--model", default="seed_cnn2")
+    loop.add_argument("--image-size", type=int, default=128)
+    loop.add_argument("--batch-size", type=int, default=32)
+    loop.add_argument("--steps", type=int, default=30, help="timed steps per setting")
+    loop.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    loop.add_argument("--compile", action="store_true", help="also time torch.compile")
+    loop.set_defaults(handler=run_bench_train)
     return parser
 
 
@@ -233,6 +242,26 @@ def run_demo(args: argparse.Namespace) -> int:
     from aidetect.demo import demo
 
     demo(args.out, n=args.n, workers=check_workers(args.workers))
+    return 0
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from aidetect.bench.train import bench_train, format_table
+
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    unknown = sorted(set(precisions) - {"fp32", "bf16", "fp16"})
+    if unknown:
+        raise UserError(f"--precisions: unknown {', '.join(unknown)}; use fp32, bf16, fp16")
+    results = bench_train(
+        args.json,
+        model=args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        precisions=precisions,
+        compile_=args.compile,
+    )
+    print(format_table(results))
     return 0
 
 

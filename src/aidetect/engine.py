@@ -59,11 +59,12 @@ def train_one_epoch(
     stepper: Stepper,
     loader: ShardLoader,
     start_batch: int,
-    should_stop: Callable[[], bool],
-    on_step: Callable[[int, float, int], None],
+    should_stop: Callable[[int], bool],
+    on_step: Callable[[int, torch.Tensor, int], None],
 ) -> EpochResult:
-    """Train over the loader's remaining batches. ``should_stop`` is asked after every optimiser step;
-    ``on_step(batch index, loss, images)`` reports progress."""
+    """Train over the loader's remaining batches. ``should_stop(batch index)`` is asked after every
+    optimiser step; ``on_step(batch index, loss tensor, images)`` reports progress. Neither forces a
+    device sync unless it reads the loss, so the loop keeps the GPU queue full."""
     model, criterion = stepper.model, nn.BCEWithLogitsLoss()
     model.train()
     loss_sum, batches, images, started = torch.zeros((), device=stepper.device), 0, 0, time.perf_counter()
@@ -81,8 +82,8 @@ def train_one_epoch(
         loss_sum += loss.detach()
         batches += 1
         images += len(batch.keys)
-        on_step(index, loss.item(), len(batch.keys))
-        if boundary and should_stop():
+        on_step(index, loss.detach(), len(batch.keys))
+        if boundary and should_stop(index):
             return EpochResult(loss_sum.item() / batches, batches, images, time.perf_counter() - started, True)
     return EpochResult(loss_sum.item() / max(batches, 1), batches, images, time.perf_counter() - started, False)
 

@@ -174,13 +174,7 @@ class Trainer:
             start_batch = self.state.batch
             self.loaders["train"].set_epoch(epoch, start_batch)
             progress = Progress(self, epoch, start_batch)
-            result = train_one_epoch(
-                stepper,
-                self.loaders["train"],
-                start_batch,
-                lambda: stop_agreed(self.stop.requested, self.info.device),
-                progress.update,
-            )
+            result = train_one_epoch(stepper, self.loaders["train"], start_batch, self.should_stop, progress.update)
             progress.close()
             self.state.step = self.scheduler.last_epoch
             if result.stopped:
@@ -191,6 +185,12 @@ class Trainer:
                 raise Preempted(str(self.out / "last.pt"))
             self.end_epoch(epoch, result)
         return self.test()
+
+    def should_stop(self, index: int) -> bool:
+        """Agreed across ranks every ``log_every`` batches: a signal is acted on within that many steps."""
+        if (index + 1) % self.config.train.log_every:
+            return False
+        return stop_agreed(self.stop.requested, self.info.device)
 
     def end_epoch(self, epoch: int, result: EpochResult) -> None:
         config = self.config
@@ -287,24 +287,27 @@ class Progress:
         interactive = trainer.info.is_main and sys.stderr.isatty()
         self.bar = tqdm(total=self.total, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not interactive)
 
-    def update(self, index: int, loss: float, images: int) -> None:
+    def update(self, index: int, loss: torch.Tensor, images: int) -> None:
+        """Reads the loss (a device sync) only every ``log_every`` batches."""
         trainer = self.trainer
         self.images += images * trainer.info.world
         self.done += 1
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", refresh=False)
         self.bar.update()
-        if trainer.info.is_main:
-            trainer.tracker.log(
-                {"train/loss": loss, "train/lr": lr, "train/img_per_s": rate}, trainer.scheduler.last_epoch
-            )
-        if self.bar.disable and trainer.info.is_main and (index + 1) % trainer.config.train.log_every == 0:
+        if (index + 1) % trainer.config.train.log_every or not trainer.info.is_main:
+            return
+        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+        lr, value = trainer.optimizer.param_groups[0]["lr"], loss.item()
+        trainer.tracker.log(
+            {"train/loss": value, "train/lr": lr, "train/img_per_s": rate}, trainer.scheduler.last_epoch
+        )
+        if self.bar.disable:
             eta = (self.total - index - 1) * (time.perf_counter() - self.started) / self.done
             trainer.log(
-                f"epoch {self.epoch + 1} batch {index + 1}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"epoch {self.epoch + 1} batch {index + 1}/{self.total} loss {value:.4f} lr {lr:.2e} "
                 f"{rate:.0f} img/s eta {eta:.0f}s"
             )
+        else:
+            self.bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
 
     def close(self) -> None:
         self.bar.close()

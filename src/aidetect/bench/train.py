@@ -1,0 +1,166 @@
+"""``aidetect bench train``: the training loop's throughput against a bare PyTorch loop, and per setting.
+
+Both loops run the same model on the same in-memory batches at the same precision, so the ratio
+``loop_overhead_ratio`` (ours / bare, target >= 0.95) isolates what aidetect's loop adds: progress,
+signal checks, accumulation bookkeeping, the scheduler. Then every (precision, channels_last,
+compile) setting asked for is timed with aidetect's loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from aidetect.bench.data import machine
+from aidetect.data.shards import Batch
+from aidetect.engine import Stepper, autocast, resolve_precision, train_one_epoch
+from aidetect.fileio import atomic_write_json
+from aidetect.models import build_model
+
+
+class InMemoryBatches:
+    """The same pre-made batches, over and over: a loader with no data cost."""
+
+    def __init__(self, batches: list[Batch], steps: int) -> None:
+        self.batches, self.steps = batches, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        return itertools.islice(itertools.cycle(self.batches), self.steps)
+
+
+def make_batches(batch_size: int, image_size: int, device: torch.device, count: int = 4) -> list[Batch]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        Batch(
+            torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
+            torch.randint(0, 2, (batch_size,), generator=generator).float().to(device),
+            [str(i) for i in range(batch_size)],
+        )
+        for _ in range(count)
+    ]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(name: str, image_size: int, device: torch.device, precision: str, channels_last: bool, compile_: bool):
+    torch.manual_seed(0)
+    model = build_model(name, image_size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return (torch.compile(model) if compile_ else model), optimizer, scaler
+
+
+def bare_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
+    """A textbook PyTorch step: autocast forward, scaled backward, optimiser step. Nothing else."""
+    device, precision, channels_last = settings["device"], settings["precision"], settings["channels_last"]
+    model, optimizer, scaler = setup(
+        settings["name"], settings["image_size"], device, precision, channels_last, settings["compile_"]
+    )
+    criterion = nn.BCEWithLogitsLoss()
+    started = 0.0
+    for step, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + steps)):
+        if step == warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+        with autocast(device, precision):
+            loss = criterion(model(images).float(), batch.labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    return steps * len(batches[0].keys) / (time.perf_counter() - started)
+
+
+def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
+    """aidetect's ``train_one_epoch`` (with a progress callback that reads the loss every 20 steps)."""
+    device, precision = settings["device"], settings["precision"]
+    model, optimizer, scaler = setup(
+        settings["name"], settings["image_size"], device, precision, settings["channels_last"], settings["compile_"]
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stepper = Stepper(model, optimizer, scheduler, scaler, device, precision, 1, None, settings["channels_last"])
+    losses: list[float] = []
+
+    def on_step(index: int, loss: torch.Tensor, images: int) -> None:
+        if (index + 1) % 20 == 0:
+            losses.append(loss.item())
+
+    train_one_epoch(stepper, InMemoryBatches(batches, warmup), 0, lambda index: False, on_step)
+    synchronize(device)
+    result = train_one_epoch(stepper, InMemoryBatches(batches, steps), 0, lambda index: False, on_step)
+    synchronize(device)
+    return result.images / result.seconds
+
+
+def bench_train(
+    json_path: str | None = None,
+    *,
+    model: str = "seed_cnn2",
+    image_size: int = 128,
+    batch_size: int = 32,
+    steps: int = 30,
+    warmup: int = 5,
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    compile_: bool = False,
+) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = make_batches(batch_size, image_size, device)
+    base = {"name": model, "image_size": image_size, "device": device, "compile_": False}
+    default = base | {"precision": resolve_precision("auto", device), "channels_last": True}
+    bare = bare_rate(batches, steps, warmup, **default)
+    ours = loop_rate(batches, steps, warmup, **default)
+    results: dict[str, Any] = {
+        "model": model,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": device_name(device),
+        "machine": machine(),
+        "reference_setting": setting_name(default),
+        "bare_img_per_s": bare,
+        "loop_img_per_s": ours,
+        "loop_overhead_ratio": ours / bare,
+        "settings": {},
+    }
+    for precision, channels_last, compiled in itertools.product(precisions, (False, True), (False, True)):
+        if compiled and not compile_:
+            continue
+        settings = base | {"precision": precision, "channels_last": channels_last, "compile_": compiled}
+        results["settings"][setting_name(settings)] = loop_rate(batches, steps, warmup, **settings)
+    if json_path:
+        atomic_write_json(json_path, results)
+    return results
+
+
+def setting_name(settings: dict[str, Any]) -> str:
+    layout = "channels_last" if settings["channels_last"] else "contiguous"
+    return f"{settings['precision']}/{layout}{'/compile' if settings['compile_'] else ''}"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['model']} @ {results['image_size']} px, batch {results['batch_size']} on {results['device']}",
+        f"bare PyTorch loop {results['bare_img_per_s']:.1f} img/s, aidetect loop {results['loop_img_per_s']:.1f} "
+        f"img/s ({results['reference_setting']}): loop_overhead_ratio {results['loop_overhead_ratio']:.3f} "
+        "(target >= 0.95)",
+    ]
+    lines += [f"  {name:<28}{rate:>10.1f} img/s" for name, rate in results["settings"].items()]
+    return "\n".join(lines)
