@@ -35,7 +35,12 @@ def test_bench_train_compares_the_loop_with_bare_pytorch(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "train.json").read_text())
     assert figures["loop_overhead_ratio"] == figures["loop_img_per_s"] / figures["bare_img_per_s"] > 0
-    assert set(figures["settings"]) == {"fp32/contiguous", "fp32/channels_last", "bf16/contiguous", "bf16/channels_last"}
+    assert set(figures["settings"]) == {
+        "fp32/contiguous",
+        "fp32/channels_last",
+        "bf16/contiguous",
+        "bf16/channels_last",
+    }
     assert all(rate > 0 for rate in figures["settings"].values()) and figures["device"] == "cpu"
     assert "loop_overhead_ratio" in result.stdout
     bad = run_cli("bench", "train", "--precisions", "fp8")

@@ -37,6 +37,11 @@ def test_plans_give_equal_train_batches_and_exactly_once_evaluation(total: int, 
     assert sorted(evaluation) == list(range(total))  # every sample exactly once
 
 
+def test_accumulation_groups_are_never_partial() -> None:
+    assert len(rank_batches(40, 0, 2, 4, train=True, group=2)) == 4  # 40 // (2 x 4 x 2) groups of 2
+    assert len(rank_batches(47, 1, 2, 4, train=True, group=3)) == 3
+
+
 def test_global_batches_do_not_depend_on_how_many_ranks_share_them() -> None:
     one = rank_batches(48, 0, 1, 8, train=True)
     two = [rank_batches(48, rank, 2, 4, train=True) for rank in range(2)]

@@ -135,10 +135,13 @@ def test_sigterm_saves_the_position_and_resume_continues_exactly(tiny_pack: Path
     assert process.returncode == 3
     state = load_checkpoint(out / "last.pt")["state"]
     assert state["epoch"] == 1 and state["batch"] >= 2  # mid-epoch: the position is saved
+    first_id = load_checkpoint(out / "last.pt")["wandb_id"]
     resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "reference"), weights(out)
     assert all(torch.equal(a[key], b[key]) for key in a)
+    runs = sorted(out.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # the same wandb run continues
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
@@ -232,3 +235,51 @@ def test_missing_data_and_corrupt_checkpoints_are_one_clear_line(tiny_pack: Path
         result = run_cli(*args)
         assert result.returncode == 2, result.stderr[-1000:]
         assert len(result.stderr.strip().splitlines()) == 1 and "checkpoint" in result.stderr
+
+
+def test_srun_style_environment_runs_ddp_without_torchrun(tiny_pack: Path, tmp_path: Path) -> None:
+    """Two processes given only what srun sets (SLURM_PROCID, SLURM_NTASKS, ...) plus the rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, tmp_path / "srun", "--epochs", "1")]
+    processes = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env |= {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        processes.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:]
+    assert "on 2 process(es)" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 prints
+    assert (tmp_path / "srun" / "test_metrics.json").is_file()
+
+
+def test_gradient_accumulation_matches_a_larger_batch(tiny_pack: Path, tmp_path: Path) -> None:
+    common = ["--epochs", "1", "--set", "data.noise_std=0", "--set", "optim.clip_grad=1000"]
+    big = run_cli(*train_args(tiny_pack, tmp_path / "big", *common, "--batch-size", "8"))
+    small = run_cli(
+        *train_args(tiny_pack, tmp_path / "acc", *common, "--batch-size", "4", "--set", "optim.accumulate=2")
+    )
+    assert big.returncode == 0 and small.returncode == 0, small.stderr[-2000:]
+    a, b = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_failing_wandb_does_not_stop_training(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb").write_text("a file where wandb wants its folder")
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "1"), env=os.environ | {"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wandb disabled after an error" in result.stderr
+    assert (out / "test_metrics.json").is_file()

@@ -129,6 +129,7 @@ CONFIG_FLAGS = {
     "precision": "train.precision",
     "out": "train.out",
     "fold": "data.fold",
+    "pretrained": "model.pretrained",
 }
 
 
@@ -143,6 +144,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", help="train.precision: auto, fp32, bf16, fp16")
     parser.add_argument("--out", help="train.out: the run folder")
     parser.add_argument("--fold", type=int, help="data.fold: the validation fold")
+    parser.add_argument("--pretrained", help="model.pretrained: a local weights file (nothing is downloaded)")
 
 
 def config_from_args(args: argparse.Namespace):

@@ -121,6 +121,7 @@ class Trainer:
             world=self.info.world,
             device=self.info.device,
             noise_std=data.noise_std if train else 0.0,
+            accumulate=self.config.optim.accumulate if train else 1,
         )
 
     def resume(self) -> dict[str, Any]:

@@ -119,11 +119,13 @@ def sample_permutation(shard: Shard, seed: int, epoch: int, shuffle: bool) -> li
     return indices
 
 
-def rank_batches(total: int, rank: int, world: int, batch_size: int, train: bool) -> list[range]:
-    """The positions of each of a rank's batches in the epoch's sequence, in the order it yields them."""
+def rank_batches(total: int, rank: int, world: int, batch_size: int, train: bool, group: int = 1) -> list[range]:
+    """The positions of each of a rank's batches in the epoch's sequence, in the order it yields them.
+    Training yields a multiple of ``group`` batches (gradient accumulation steps: no partial step)."""
     if train:
         stride, first = world * batch_size, rank * batch_size
-        return [range(t * stride + first, t * stride + first + batch_size) for t in range(total // stride)]
+        count = total // (stride * group) * group
+        return [range(t * stride + first, t * stride + first + batch_size) for t in range(count)]
     start, stop = total * rank // world, total * (rank + 1) // world
     return [range(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size)]
 
@@ -141,10 +143,19 @@ class ShardDataset(IterableDataset):
     """Yields (uint8 HWC image, label, key) for this rank and worker; batching is the DataLoader's."""
 
     def __init__(
-        self, shards: list[Shard], *, batch_size: int, train: bool, crop: int | None, seed: int, rank: int, world: int
+        self,
+        shards: list[Shard],
+        *,
+        batch_size: int,
+        train: bool,
+        crop: int | None,
+        seed: int,
+        rank: int,
+        world: int,
+        accumulate: int = 1,
     ) -> None:
         self.shards, self.batch_size, self.train, self.crop = shards, batch_size, train, crop
-        self.seed, self.rank, self.world = seed, rank, world
+        self.seed, self.rank, self.world, self.accumulate = seed, rank, world, accumulate
         self.total = sum(s.count for s in shards)
         # (epoch, first batch) in shared memory: persistent DataLoader workers hold copies of this object.
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -159,7 +170,8 @@ class ShardDataset(IterableDataset):
 
     def batches(self) -> list[range]:
         """This rank's batches still to come in the epoch (all of them unless resumed mid-epoch)."""
-        return rank_batches(self.total, self.rank, self.world, self.batch_size, self.train)[self.start_batch :]
+        batches = rank_batches(self.total, self.rank, self.world, self.batch_size, self.train, self.accumulate)
+        return batches[self.start_batch :]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
         info = get_worker_info()
@@ -268,6 +280,7 @@ def build_loader(
     world: int | None = None,
     device: str | torch.device = "cpu",
     noise_std: float = 0.0,
+    accumulate: int = 1,
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised."""
     if rank is None or world is None:
@@ -275,10 +288,10 @@ def build_loader(
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     shards = select_shards(shard_dir, splits)
     total = sum(s.count for s in shards)
-    if train and total < world * batch_size:
+    if train and total < world * batch_size * accumulate:
         raise UserError(
             f"{shard_dir}: splits {', '.join(splits)} hold {total} samples, fewer than one global batch "
-            f"({world} ranks x batch {batch_size}); lower the batch size"
+            f"({world} ranks x batch {batch_size} x accumulate {accumulate}); lower the batch size"
         )
     dataset = ShardDataset(
         shards,
@@ -288,5 +301,6 @@ def build_loader(
         seed=seed,
         rank=rank,
         world=world,
+        accumulate=accumulate,
     )
     return ShardLoader(dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std)
