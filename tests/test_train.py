@@ -66,31 +66,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path
 def test_metrics_under_two_ranks_equal_one_rank(tiny_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert run_cli(*train_args(tiny_pack, run, "--epochs", "1", "--batch-size", "8")).returncode == 0
-    single = run_cli(
-        "evaluate",
-        str(run / "best.pt"),
-        "--data",
-        str(tiny_pack),
-        "--split",
-        "fold0",
-        "--out",
-        str(tmp_path / "single"),
-        "--batch-size",
-        "5",
-    )
+
+    def evaluate_args(out: Path) -> list[str]:
+        return ["evaluate", str(run / "best.pt"), "--data", str(tiny_pack), "--split", "fold0", "--out", str(out)]
+
+    single = run_cli(*evaluate_args(tmp_path / "single"), "--batch-size", "5")
     assert single.returncode == 0, single.stderr[-2000:]
-    double = torchrun(
-        "evaluate",
-        str(run / "best.pt"),
-        "--data",
-        str(tiny_pack),
-        "--split",
-        "fold0",
-        "--out",
-        str(tmp_path / "double"),
-        "--batch-size",
-        "5",
-    )
+    double = torchrun(*evaluate_args(tmp_path / "double"), "--batch-size", "5")
     assert double.returncode == 0, double.stderr[-2000:]
     one = json.loads((tmp_path / "single" / "eval_fold0.json").read_text())
     two = json.loads((tmp_path / "double" / "eval_fold0.json").read_text())
