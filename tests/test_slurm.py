@@ -1,0 +1,124 @@
+"""slurm/train.sbatch on a real SLURM cluster (hpc/local_cluster/start.sh), in CPU mode."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from aidetect.checkpoint import load_checkpoint
+
+SBATCH = Path(__file__).parents[1] / "slurm" / "train.sbatch"
+ARGS = [
+    "--model",
+    "seed_cnn1",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "4",
+    "--precision",
+    "fp32",
+    "--set",
+    "data.workers=1",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.deterministic=true",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster() -> None:
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        pytest.fail("no SLURM cluster answers: start one with 'sudo bash hpc/local_cluster/start.sh'")
+
+
+def submit(*args: str, cwd: Path) -> str:
+    env = os.environ | {"AIDETECT_VENV": sys.prefix, "WANDB_MODE": "offline"}
+    result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def state(job: str) -> str:
+    result = subprocess.run(["sacct", "-j", job, "-X", "-n", "-o", "State"], capture_output=True, text=True)
+    return result.stdout.strip().split()[0] if result.stdout.strip() else "UNKNOWN"
+
+
+def wait_for(job: str, states: set[str], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = state(job)
+        if current in states:
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {state(job)} after {timeout}s")
+
+
+def wait_for_line(path: Path, pattern: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "last.pt")["model"]
+
+
+def test_sbatch_train_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
+    one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # as the job's task (cpus-per-task=1): same float sums
+    direct = run_cli("train", "--data", str(tiny_pack), "--out", str(tmp_path / "direct"), *ARGS, env=one_thread)
+    assert direct.returncode == 0, direct.stderr[-2000:]
+    job = submit(str(SBATCH), "--data", str(tiny_pack), "--out", str(tmp_path / "job"), *ARGS, cwd=tmp_path)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
+    a, b = weights(tmp_path / "direct"), weights(tmp_path / "job")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (tmp_path / "job" / "test_metrics.json").is_file()
+
+
+def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pack: Path, tmp_path: Path) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "aidetect.cli",
+    ]
+    reference = subprocess.run(
+        [*command, "train", "--data", str(tiny_pack), "--out", str(tmp_path / "ref"), *ARGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "job"
+    job = submit("--ntasks-per-node=2", str(SBATCH), "--data", str(tiny_pack), "--out", str(out), *ARGS, cwd=tmp_path)
+    log = tmp_path / f"aidetect-train-{job}.out"
+    wait_for_line(log, r"epoch 2 batch 3/")
+    # What SLURM does 120 s before the time limit (--signal=B:USR1@120), without waiting for it:
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_for_line(log, r"requeueing job")
+    wait_for(job, {"PENDING", "REQUEUED"})
+    checkpoint = load_checkpoint(out / "last.pt")["state"]
+    assert checkpoint["epoch"] == 1 and checkpoint["batch"] >= 3  # saved mid-epoch, at a step all ranks agreed on
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue hold
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
+    text = log.read_text()
+    assert "on 2 process(es), cpu" in text and "(restart 1)" in text and "resumed from" in text
+    a, b = weights(tmp_path / "ref"), weights(out)
+    assert all(torch.equal(a[key], b[key]) for key in a)
