@@ -16,7 +16,8 @@ from conftest import run_cli
 
 from aidetect.checkpoint import load_checkpoint
 
-SBATCH = Path(__file__).parents[1] / "slurm" / "train.sbatch"
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "slurm" / "train.sbatch"
 ARGS = [
     "--model",
     "seed_cnn1",
@@ -42,7 +43,7 @@ def cluster() -> None:
 
 
 def submit(*args: str, cwd: Path) -> str:
-    env = os.environ | {"AIDETECT_VENV": sys.prefix, "WANDB_MODE": "offline"}
+    env = os.environ | {"AIDETECT_VENV": sys.prefix, "AIDETECT_REPO": str(REPO), "WANDB_MODE": "offline"}
     result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, cwd=cwd, env=env)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
@@ -70,6 +71,13 @@ def wait_for_line(path: Path, pattern: str, timeout: float = 300) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{pattern!r} never appeared in {path}")
+
+
+def release(job: str) -> None:
+    """Start a requeued job now instead of after SLURM's ~2 minute hold. Not within the same second as
+    the requeue: slurmd refuses a relaunch whose credential is no newer than the revoked one."""
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +124,7 @@ def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pa
     wait_for(job, {"PENDING", "REQUEUED"})
     checkpoint = load_checkpoint(out / "last.pt")["state"]
     assert checkpoint["epoch"] == 1 and checkpoint["batch"] >= 3  # saved mid-epoch, at a step all ranks agreed on
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)  # skip the requeue hold
+    release(job)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
     text = log.read_text()
     assert "on 2 process(es), cpu" in text and "(restart 1)" in text and "resumed from" in text

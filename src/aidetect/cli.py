@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aidetect.errors import UserError
 
@@ -81,6 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(handler=run_demo)
+
+    submit = commands.add_parser("submit", help="submit training or cross-validation jobs with submitit")
+    jobs = submit.add_subparsers(dest="job", required=True, parser_class=OneLineErrorParser)
+    for kind, text in (("train", "one training run"), ("cv", "K folds as one parallel job array")):
+        job = jobs.add_parser(kind, help=text)
+        job.add_argument("--profile", required=True, help="cluster profile: hpc/NAME.yaml name or a YAML path")
+        job.add_argument("--executor", choices=("slurm", "local"), help="override the profile's (local: no SLURM)")
+        job.add_argument("--account", help="SLURM account (overrides the profile's)")
+        job.add_argument("--partition", help="SLURM partition (overrides the profile's)")
+        job.add_argument("--nodes", type=int, default=1)
+        job.add_argument("--gpus-per-node", type=int, help="overrides the profile's; one task per GPU")
+        job.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, else 1)")
+        job.add_argument("--time", type=int, help="time limit in minutes (jobs requeue themselves before it)")
+        job.add_argument("--wait", action="store_true", help="block until the jobs end; non-zero exit if any failed")
+        if kind == "cv":
+            job.add_argument("--folds", type=int, default=5, help="folds to run (the pack's fold count at most)")
+        add_config_options(job)
+        job.set_defaults(handler=run_submit)
+
+    report = commands.add_parser("cv-report", help="cv_summary.json and plot from a cross-validation run")
+    report.add_argument("run", help="the cv run folder (holding fold0/, fold1/, ...)")
+    report.set_defaults(handler=run_cv_report)
+    status = commands.add_parser("status", help="state and progress of a submitted run or cross-validation")
+    status.add_argument("run", help="run folder")
+    status.set_defaults(handler=run_status)
+    sync = commands.add_parser("wandb-sync", help="upload every offline wandb run under a run folder")
+    sync.add_argument("run", help="run folder")
+    sync.add_argument("--list", action="store_true", help="only list the offline runs")
+    sync.set_defaults(handler=run_wandb_sync)
 
     bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
@@ -245,6 +275,59 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo(args.out, n=args.n, workers=check_workers(args.workers))
     return 0
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from aidetect.cluster.profiles import load_profile
+    from aidetect.cluster.submit import submit_cv, submit_train, wait
+
+    profile = load_profile(
+        args.profile,
+        executor=args.executor,
+        account=args.account,
+        partition=args.partition,
+        gpus_per_node=args.gpus_per_node,
+        time_limit_min=args.time,
+    )
+    tasks = args.tasks_per_node or max(profile.gpus_per_node, 1)
+    config = config_from_args(args)
+    if args.job == "cv":
+        jobs = submit_cv(config, profile, args.folds, args.nodes, tasks)
+    else:
+        jobs = submit_train(config, profile, args.nodes, tasks)
+    if not args.wait:
+        return 0
+    ok = wait(jobs)
+    if args.job == "cv" and ok:
+        from aidetect.cluster.report import cv_report
+
+        summary = cv_report(Path(config.train.out))
+        print(
+            f"[aidetect] cv: accuracy {summary['mean']['accuracy']:.4f} ± {summary['std']['accuracy']:.4f}, "
+            f"auroc {summary['mean']['auroc']:.4f} ± {summary['std']['auroc']:.4f}"
+        )
+    return 0 if ok else 1
+
+
+def run_cv_report(args: argparse.Namespace) -> int:
+    from aidetect.cluster.report import cv_report
+
+    summary = cv_report(Path(args.run))
+    print(json.dumps({k: summary[k] for k in ("n_folds", "missing", "mean", "std")}, indent=1))
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from aidetect.cluster.report import status
+
+    print(status(Path(args.run)))
+    return 0
+
+
+def run_wandb_sync(args: argparse.Namespace) -> int:
+    from aidetect.cluster.report import wandb_sync
+
+    return wandb_sync(Path(args.run), list_only=args.list)
 
 
 def run_bench_train(args: argparse.Namespace) -> int:

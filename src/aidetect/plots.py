@@ -57,3 +57,14 @@ def roc_pr(curves: dict, metrics: dict, roc_path: Path, pr_path: Path, title: st
     axis.set(xlabel="recall (fake)", ylabel="precision (fake)", ylim=(0, 1.02), title=f"{title}: precision-recall")
     axis.legend(loc="lower left")
     return roc_path, save(figure, pr_path)
+
+
+def cv_summary(summary: dict, path: Path) -> Path:
+    keys = ["accuracy", "precision", "recall", "f1", "auroc", "ap"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    means = [summary["mean"][k] for k in keys]
+    axis.bar(keys, means, yerr=[summary["std"][k] for k in keys], capsize=4, color="#4c72b0")
+    for index, value in enumerate(means):
+        axis.text(index, min(value + 0.03, 1.0), f"{value:.3f}", ha="center")
+    axis.set(ylim=(0, 1.08), title=f"{summary['n_folds']}-fold cross-validation, test split (mean ± std)")
+    return save(figure, path)

@@ -65,11 +65,12 @@ def train(config: Config) -> dict[str, Any]:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; checked (and agreed across ranks) after every optimiser step."""
+    """Set by SIGTERM, SIGUSR1 (our sbatch scripts) or SIGUSR2 (submitit's jobs): a time limit or preemption
+    is near. Checked, and agreed across ranks, every ``log_every`` batches."""
 
     def __init__(self) -> None:
         self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, self.request)
 
     def request(self, signum: int, frame: Any) -> None:

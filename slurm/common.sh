@@ -1,0 +1,39 @@
+# Shared by the sbatch scripts in slurm/ (sourced, not run): environment, DDP rendezvous, and running a
+# command under srun that checkpoints and requeues the job when SLURM warns of the time limit.
+
+setup_environment() {
+    if [ -n "${AIDETECT_SETUP:-}" ]; then
+        source "$AIDETECT_SETUP"  # e.g. module loads and a conda or venv activation
+    else
+        source "${AIDETECT_VENV:-$AIDETECT_REPO/.venv}/bin/activate"
+    fi
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    export MASTER_ADDR
+    export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+    export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+    export PYTHONUNBUFFERED=1
+    echo "[aidetect-sbatch] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s)"
+}
+
+# run_with_requeue COMMAND...: srun COMMAND; on USR1/TERM (the time-limit warning) forward USR1 to the
+# tasks, wait for them to checkpoint and exit, then requeue this job (array task) to continue.
+run_with_requeue() {
+    preempted=0
+    trap 'preempted=1; echo "[aidetect-sbatch] time limit or preemption near: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
+    srun --kill-on-bad-exit=0 "$@" &
+    srun_pid=$!
+    status=0
+    while :; do  # a trapped signal ends `wait` early: keep waiting for the tasks
+        wait "$srun_pid"
+        status=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    if [ "$preempted" = 1 ] || [ "$status" = 3 ]; then
+        local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+        job=${job:-$SLURM_JOB_ID}
+        echo "[aidetect-sbatch] checkpoint saved (exit $status): requeueing job $job"
+        scontrol requeue "$job"
+        exit 0
+    fi
+    exit "$status"
+}

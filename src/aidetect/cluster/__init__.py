@@ -1,0 +1,1 @@
+"""Running on clusters: profiles, the submitit launcher, cross-validation reports, job status."""

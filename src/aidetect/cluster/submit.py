@@ -1,0 +1,188 @@
+"""``aidetect submit train|cv``: submitit jobs on SLURM (or local processes), kept apart from training.
+
+A job runs ``aidetect.train.train`` unchanged, with the distributed environment taken from submitit
+(``TorchDistributedEnvironment``) and ``train.resume: auto``. Before a time limit or preemption SLURM
+signals the tasks (``--signal=USR2@signal_delay_s``); training stops at a step all ranks agree on,
+saves ``last.pt`` with its position, and rank 0 requeues the job (up to ``max_requeues`` times),
+which resumes from there. Cross-validation submits the folds as one job array that runs in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+
+from aidetect.cluster.profiles import Profile
+from aidetect.config import Config, build, to_dict, validate
+from aidetect.errors import UserError
+from aidetect.fileio import atomic_write_json
+
+JOBS_FILE = "jobs.json"
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """What runs in every task of a job: ``train(config)``; requeues itself when stopped by a signal."""
+
+    def __init__(self, max_requeues: int) -> None:
+        self.max_requeues = max_requeues
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        from aidetect.train import Preempted, train
+
+        environment = submitit.JobEnvironment()
+        if environment.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:  # one task's share of the node, not every core
+            torch.set_num_threads(int(cpus))
+        try:
+            return train(build(Config, config, ""))
+        except Preempted:
+            self.requeue(environment)
+            raise
+
+    def requeue(self, environment: submitit.JobEnvironment) -> None:
+        """Rank 0 puts the job back in the queue; SLURM then ends every task of this attempt."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if job_id is None or environment.global_rank != 0:
+            return
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeues:
+            print(f"[aidetect] not requeued: already restarted {restarts} times (max_requeues)", flush=True)
+            return
+        print(f"[aidetect] requeueing job {job_id} (restart {restarts + 1})", flush=True)
+        subprocess.run(["scontrol", "requeue", job_id], check=False)
+        time.sleep(600)  # the requeue ends this process; do not let submitit record a failure first
+
+    def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
+        """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
+        return submitit.helpers.DelayedSubmission(self, config)
+
+
+def make_executor(profile: Profile, folder: Path, nodes: int, tasks_per_node: int, name: str) -> submitit.Executor:
+    cluster = "local" if profile.executor == "local" else "slurm"
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    parameters: dict[str, Any] = {
+        "name": name,
+        "nodes": nodes,
+        "tasks_per_node": tasks_per_node,
+        "cpus_per_task": profile.cpus_per_task,
+        "timeout_min": profile.time_limit_min,
+    }
+    if profile.gpus_per_node:
+        parameters["gpus_per_node"] = profile.gpus_per_node
+    if profile.mem_gb:
+        parameters["mem_gb"] = profile.mem_gb * nodes if cluster == "local" else profile.mem_gb
+    if cluster == "slurm":
+        parameters |= {
+            "slurm_partition": profile.partition,
+            "slurm_signal_delay_s": profile.signal_delay_s,
+            "slurm_setup": list(profile.setup) + [f"export WANDB_MODE={profile.wandb_mode}"] * bool(profile.wandb_mode),
+            "slurm_additional_parameters": {"requeue": True}
+            | ({"account": profile.account} if profile.account else {}),
+        }
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def prepare(config: Config, profile: Profile) -> Config:
+    if profile.wandb_mode and config.wandb.mode is None:
+        config = replace(config, wandb=replace(config.wandb, mode=profile.wandb_mode))
+    config = replace(config, train=replace(config.train, resume="auto"))
+    validate(config)  # a missing data path fails here, not hours later in the queue
+    return config
+
+
+def submit_train(config: Config, profile: Profile, nodes: int, tasks_per_node: int) -> list[submitit.Job]:
+    config = prepare(config, profile)
+    run = Path(config.train.out)
+    run.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(profile, run / "submitit", nodes, tasks_per_node, f"aidetect-{run.name}")
+    job = executor.submit(TrainJob(profile.max_requeues), to_dict(config))
+    record(run, "train", [job], profile)
+    return [job]
+
+
+def submit_cv(config: Config, profile: Profile, folds: int, nodes: int, tasks_per_node: int) -> list[submitit.Job]:
+    """One job array, one task per fold, all in one wandb group (job_type fold-K), run in parallel."""
+    config = prepare(config, profile)
+    run = Path(config.train.out)
+    run.mkdir(parents=True, exist_ok=True)
+    group = config.wandb.group or run.name
+    configs = []
+    for fold in range(folds):
+        fold_config = replace(
+            config,
+            data=replace(config.data, fold=fold),
+            train=replace(config.train, out=str(run / f"fold{fold}")),
+            wandb=replace(config.wandb, group=group, job_type=f"fold-{fold}", name=f"{group}-fold{fold}"),
+        )
+        configs.append(to_dict(fold_config))
+    executor = make_executor(profile, run / "submitit", nodes, tasks_per_node, f"aidetect-cv-{run.name}")
+    executor.update_parameters(slurm_array_parallelism=folds)
+    jobs = executor.map_array(TrainJob(profile.max_requeues), configs)
+    record(run, "cv", jobs, profile, folds=folds)
+    return jobs
+
+
+def record(run: Path, kind: str, jobs: list[submitit.Job], profile: Profile, **extra: Any) -> None:
+    """Job ids, the submission script and log paths, in the run folder and on the terminal."""
+    entries = [{"job_id": job.job_id, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)} for job in jobs]
+    submission = str(jobs[0].paths.submission_file) if profile.executor == "slurm" else None
+    atomic_write_json(
+        run / JOBS_FILE,
+        {
+            "kind": kind,
+            "profile": profile.name,
+            "executor": profile.executor,
+            "submitted_at": time.time(),
+            "sbatch": f"sbatch {submission}" if submission else None,
+            "jobs": entries,
+            **extra,
+        },
+    )
+    print(f"[aidetect] submitted {kind} on {profile.name} ({profile.executor}): {len(jobs)} job(s)")
+    if submission:
+        print(f"  sbatch script: {submission}")
+    for entry in entries:
+        print(f"  job {entry['job_id']}: log {entry['stdout']}")
+    print(f"  status: aidetect status {run}")
+
+
+def wait(jobs: list[submitit.Job], poll_s: float = 5.0) -> bool:
+    """Block until every job ends, printing state changes; True when all completed."""
+    last: dict[str, str] = {}
+    while True:
+        for job in jobs:
+            state = job.state
+            if last.get(job.job_id) != state:
+                print(f"[aidetect] job {job.job_id}: {state}", flush=True)
+                last[job.job_id] = state
+        if all(job.done() for job in jobs):
+            break
+        time.sleep(poll_s)
+    failed = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # the job's own traceback is in its log
+            failed.append(f"{job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
+    for line in failed:
+        print(f"[aidetect] job {line}; see its log", file=sys.stderr)
+    return not failed
+
+
+def load_jobs(run: Path) -> dict[str, Any]:
+    path = run / JOBS_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {run} a run folder made by 'aidetect submit'?")
+    return json.loads(path.read_text())
