@@ -171,3 +171,24 @@ def test_wandb_sync_lists_offline_runs(tiny_pack: Path, tmp_path: Path) -> None:
     )
     listed = run_cli("wandb-sync", str(run), "--list")
     assert listed.returncode == 0 and "offline-run-" in listed.stdout
+
+
+def test_bench_cv_times_parallel_folds_against_one(tiny_pack: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "bench",
+        "cv",
+        "--folds",
+        "2",
+        "--json",
+        str(tmp_path / "cv.json"),
+        "--data",
+        str(tiny_pack),
+        "--out",
+        str(tmp_path / "bench"),
+        *FAST,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    figures = json.loads((tmp_path / "cv.json").read_text())
+    assert figures["cv_time_ratio"] == figures["all_folds_s"] / figures["one_fold_s"] > 0
+    assert "cv_time_ratio" in result.stdout and (tmp_path / "bench" / "cv" / "fold1" / "test_metrics.json").exists()

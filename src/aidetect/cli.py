@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     loop.add_argument("--compile", action="store_true", help="also time torch.compile")
     loop.set_defaults(handler=run_bench_train)
+    cv = benches.add_parser("cv", help="K folds as a parallel job array vs one fold alone, on a cluster profile")
+    cv.add_argument("--profile", default="local", help="cluster profile (default: the local test cluster)")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--json", default=None, help="write the figures to this JSON file")
+    add_config_options(cv)
+    cv.set_defaults(handler=run_bench_cv)
     return parser
 
 
@@ -347,6 +353,20 @@ def run_bench_train(args: argparse.Namespace) -> int:
         compile_=args.compile,
     )
     print(format_table(results))
+    return 0
+
+
+def run_bench_cv(args: argparse.Namespace) -> int:
+    from aidetect.bench.cv import bench_cv
+    from aidetect.cluster.profiles import load_profile
+
+    config = config_from_args(args)
+    results = bench_cv(config, load_profile(args.profile), args.folds, Path(config.train.out), args.json)
+    print(
+        f"{args.folds} folds in parallel: {results['all_folds_s']:.1f} s; "
+        f"one fold alone: {results['one_fold_s']:.1f} s; "
+        f"cv_time_ratio {results['cv_time_ratio']:.2f} (sequential would be {args.folds})"
+    )
     return 0
 
 
