@@ -18,22 +18,28 @@ from aidetect.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "slurm" / "train.sbatch"
-ARGS = [
-    "--model",
-    "seed_cnn1",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "4",
-    "--precision",
-    "fp32",
-    "--set",
-    "data.workers=1",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.deterministic=true",
-]
+
+
+def options(epochs: int, batch_size: int, *extra: str) -> list[str]:
+    """`aidetect train` options for a small, fast CPU run."""
+    return [
+        "--model",
+        "seed_cnn1",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(batch_size),
+        "--precision",
+        "fp32",
+        "--set",
+        "data.workers=1",
+        "--set",
+        "train.log_every=1",
+        *extra,
+    ]
+
+
+ARGS = options(2, 4, "--set", "train.deterministic=true")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,14 +86,19 @@ def release(job: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
+def direct_run(pack: Path, out: Path) -> None:
+    """The same training without SLURM, one thread per process as the jobs' tasks (cpus-per-task=1), so
+    that float sums happen in the same order and weights can be compared bit for bit."""
+    result = run_cli("train", "--data", str(pack), "--out", str(out), *ARGS, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "last.pt")["model"]
 
 
 def test_sbatch_train_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
-    one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # as the job's task (cpus-per-task=1): same float sums
-    direct = run_cli("train", "--data", str(tiny_pack), "--out", str(tmp_path / "direct"), *ARGS, env=one_thread)
-    assert direct.returncode == 0, direct.stderr[-2000:]
+    direct_run(tiny_pack, tmp_path / "direct")
     job = submit(str(SBATCH), "--data", str(tiny_pack), "--out", str(tmp_path / "job"), *ARGS, cwd=tmp_path)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
     a, b = weights(tmp_path / "direct"), weights(tmp_path / "job")

@@ -11,22 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from test_slurm import ARGS, REPO, release, state, submit, wait_for, wait_for_line, weights
+from test_slurm import ARGS, REPO, direct_run, options, release, state, submit, wait_for, wait_for_line, weights
 
-FAST = [
-    "--model",
-    "seed_cnn1",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "8",
-    "--precision",
-    "fp32",
-    "--set",
-    "data.workers=1",
-    "--set",
-    "train.log_every=1",
-]
+FAST = options(1, 8)
 
 
 def submit_cli(*args: str) -> subprocess.CompletedProcess:
@@ -34,16 +21,7 @@ def submit_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_submit_train_on_the_cluster_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
-    direct = run_cli(
-        "train",
-        "--data",
-        str(tiny_pack),
-        "--out",
-        str(tmp_path / "direct"),
-        *ARGS,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )
-    assert direct.returncode == 0, direct.stderr[-2000:]
+    direct_run(tiny_pack, tmp_path / "direct")
     run = tmp_path / "submitted"
     result = submit_cli("train", "--profile", "local", "--wait", "--data", str(tiny_pack), "--out", str(run), *ARGS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -57,16 +35,7 @@ def test_submit_train_on_the_cluster_matches_a_direct_run(tiny_pack: Path, tmp_p
 
 
 def test_submitted_job_checkpoints_on_the_timeout_signal_requeues_and_resumes(tiny_pack: Path, tmp_path: Path) -> None:
-    direct = run_cli(
-        "train",
-        "--data",
-        str(tiny_pack),
-        "--out",
-        str(tmp_path / "direct"),
-        *ARGS,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )
-    assert direct.returncode == 0
+    direct_run(tiny_pack, tmp_path / "direct")
     run = tmp_path / "submitted"
     assert submit_cli("train", "--profile", "local", "--data", str(tiny_pack), "--out", str(run), *ARGS).returncode == 0
     job = json.loads((run / "jobs.json").read_text())["jobs"][0]
