@@ -36,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="aidetect", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(
+        prog="aidetect", description="Train and evaluate detectors of AI-generated images, from a laptop to SLURM."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     synth = commands.add_parser("synth", help="write a synthetic real/fake ImageFolder for demos and tests")
