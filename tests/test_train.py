@@ -265,3 +265,11 @@ def test_a_failing_wandb_does_not_stop_training(tiny_pack: Path, tmp_path: Path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wandb disabled after an error" in result.stderr
     assert (out / "test_metrics.json").is_file()
+
+
+def test_torch_compile_path_trains(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compiled"
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "1", "--batch-size", "8", "--set", "model.compile=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_checkpoint(out / "best.pt")["model"].keys() == load_checkpoint(out / "last.pt")["model"].keys()
+    assert not any(key.startswith("_orig_mod") for key in load_checkpoint(out / "last.pt")["model"])  # plain weights
