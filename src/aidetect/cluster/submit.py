@@ -47,21 +47,26 @@ class TrainJob(submitit.helpers.Checkpointable):
         try:
             return train(build(Config, config, ""))
         except Preempted:
-            self.requeue(environment)
+            if self.requeue(environment):
+                # The job is back in the queue and SLURM is about to end this attempt: leave at once, so that
+                # submitit records no result (it would read as a failure) and no DataLoader worker outlives us.
+                sys.stdout.flush()
+                os._exit(0)
             raise
 
-    def requeue(self, environment: submitit.JobEnvironment) -> None:
-        """Rank 0 puts the job back in the queue; SLURM then ends every task of this attempt."""
+    def requeue(self, environment: submitit.JobEnvironment) -> bool:
+        """Rank 0 puts the job back in the queue (other ranks leave that to it); False: not requeued."""
         job_id = os.environ.get("SLURM_JOB_ID")
-        if job_id is None or environment.global_rank != 0:
-            return
+        if job_id is None:
+            return False  # submitit's local executor: nothing to requeue into
+        if environment.global_rank != 0:
+            return True
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeues:
             print(f"[aidetect] not requeued: already restarted {restarts} times (max_requeues)", flush=True)
-            return
+            return False
         print(f"[aidetect] requeueing job {job_id} (restart {restarts + 1})", flush=True)
-        subprocess.run(["scontrol", "requeue", job_id], check=False)
-        time.sleep(600)  # the requeue ends this process; do not let submitit record a failure first
+        return subprocess.run(["scontrol", "requeue", job_id], check=False).returncode == 0
 
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
