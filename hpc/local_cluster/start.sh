@@ -15,7 +15,8 @@ mkdir -p "$state"
 
 log() { echo "[local-cluster] $*"; }
 
-running() { [ -f "$state/$1.pid" ] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null; }
+# A daemon counts as running when its PID file names a live process of that name (not a reused PID).
+running() { [ -f "$state/$1.pid" ] && [ "$(ps -p "$(cat "$state/$1.pid")" -o comm= 2>/dev/null)" = "$1" ]; }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local seconds=$1 what=$2
