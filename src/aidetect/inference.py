@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from aidetect.checkpoint import load_checkpoint
-from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_image, decode_stored, first_line
-from aidetect.data.pack import encode
+from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored, first_line
+from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.shards import build_loader, read_manifest
-from aidetect.data.transforms import center_crop, normalize_batch, preprocess
+from aidetect.data.transforms import center_crop, normalize_batch
 from aidetect.distributed import cleanup_distributed, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
 from aidetect.engine import resolve_precision
@@ -92,16 +92,10 @@ def load_for_prediction(path: Path, settings: dict[str, Any]) -> torch.Tensor:
     """One raw file -> uint8 HWC tensor, preprocessed exactly as the checkpoint's pack was."""
     if not path.is_file():
         raise UnreadableImage("file not found")
-    decoded = decode_image(
-        path,
-        long_side=settings["size"] if settings["mode"] == "resize" else None,
-        min_side=settings["min_side"],
-        max_pixels=settings["max_pixels"],
-        repair_truncated=settings["on_truncated"] == "repair",
-    )
-    pixels = preprocess(decoded.pixels, settings["mode"], settings["size"])
+    packed = PackSettings(**{key: value for key, value in settings.items() if key != "crop"})
+    _, pixels = decode_and_preprocess(path, packed)
     # Through the same encoder and decoder as pack and the loader: the model saw these JPEG artefacts.
-    pixels = decode_stored(encode(pixels, settings["codec"], settings["quality"]))
+    pixels = decode_stored(encode(pixels, packed.codec, packed.quality))
     if settings["crop"]:
         pixels = center_crop(pixels, settings["crop"])
     return torch.from_numpy(np.ascontiguousarray(pixels))

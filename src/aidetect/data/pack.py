@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_image, first_line
+from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, decode_image, first_line
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, preprocess
 from aidetect.errors import UserError
@@ -169,18 +169,23 @@ def plan_shards(candidates: list[SourceFile], settings: PackSettings) -> list[Sh
 # Per-file work (runs in worker processes)
 
 
+def decode_and_preprocess(path: str | os.PathLike, settings: PackSettings) -> tuple[DecodedImage, np.ndarray]:
+    """One raw file as a pack with ``settings`` stores it (before encoding); ``predict`` uses it too."""
+    decoded = decode_image(
+        path,
+        long_side=settings.size if settings.mode == "resize" else None,
+        min_side=settings.min_side,
+        max_pixels=settings.max_pixels,
+        repair_truncated=settings.on_truncated == "repair",
+    )
+    return decoded, preprocess(decoded.pixels, settings.mode, settings.size)
+
+
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
     """Decode, preprocess and encode one file; never raises, returns a record with status and reason."""
     record: dict[str, Any] = {"path": file.relpath, "key": file.key, "class": file.class_name}
     try:
-        decoded = decode_image(
-            file.path,
-            long_side=settings.size if settings.mode == "resize" else None,
-            min_side=settings.min_side,
-            max_pixels=settings.max_pixels,
-            repair_truncated=settings.on_truncated == "repair",
-        )
-        pixels = preprocess(decoded.pixels, settings.mode, settings.size)
+        decoded, pixels = decode_and_preprocess(file.path, settings)
     except UnreadableImage as exc:
         return record | {"status": "skipped", "reason": str(exc)}
     except ValueError as exc:  # e.g. smaller than the crop

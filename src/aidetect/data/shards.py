@@ -231,7 +231,6 @@ class ShardLoader:
 
     def __init__(self, dataset: ShardDataset, *, num_workers: int, device: torch.device, noise_std: float) -> None:
         self.dataset, self.device, self.noise_std = dataset, device, noise_std
-        self.num_workers = num_workers
         # The workers are asked for explicitly; torch's "more workers than cores" hint is noise in job logs.
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         self.loader = DataLoader(
