@@ -15,12 +15,14 @@ setup_environment() {
     echo "[aidetect-sbatch] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s)"
 }
 
-# run_with_requeue COMMAND...: srun COMMAND; on USR1/TERM (the time-limit warning) forward USR1 to the
-# tasks, wait for them to checkpoint and exit, then requeue this job (array task) to continue.
+# run_with_requeue COMMAND...: srun COMMAND; on USR1/TERM (the time-limit warning, preemption, scancel)
+# forward USR1 to the tasks so that they checkpoint and exit; then ask the package whether the job goes
+# back in the queue (aidetect.preemption: the exit code and the max_requeues cap live there only).
+# --kill-on-bad-exit: when one task dies (killed, out of memory, its node lost) srun ends the others at
+# once instead of leaving them waiting in a collective; the job is then requeued and resumes.
 run_with_requeue() {
-    preempted=0
-    trap 'preempted=1; echo "[aidetect-sbatch] time limit or preemption near: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
-    srun --kill-on-bad-exit=0 "$@" &
+    trap 'echo "[aidetect-sbatch] stop signal: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
+    srun --kill-on-bad-exit=1 "$@" &
     srun_pid=$!
     status=0
     while :; do  # a trapped signal ends `wait` early: keep waiting for the tasks
@@ -28,12 +30,13 @@ run_with_requeue() {
         status=$?
         kill -0 "$srun_pid" 2>/dev/null || break
     done
-    if [ "$preempted" = 1 ] || [ "$status" = 3 ]; then
+    if decision=$(python -m aidetect.preemption --exit-status "$status"); then
         local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
         job=${job:-$SLURM_JOB_ID}
-        echo "[aidetect-sbatch] checkpoint saved (exit $status): requeueing job $job"
+        echo "[aidetect-sbatch] $decision: requeueing job $job"
         scontrol requeue "$job"
         exit 0
     fi
+    echo "[aidetect-sbatch] not requeued: $decision"
     exit "$status"
 }

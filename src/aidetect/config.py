@@ -67,6 +67,10 @@ class TrainConfig:
     best_metric: str = "auroc"
     log_every: int = 20  # steps between progress lines when not on a terminal
     resume: str | None = None  # "auto" (last.pt in out) or a checkpoint path
+    # Longest wait of one rank for the others in a collective before it gives up. A dead rank or a lost
+    # node usually surfaces at once as a closed connection; this bounds the rest (a cut link, a hung
+    # rank). It must exceed the slowest step rank 0 takes alone: a checkpoint write, the epoch's plots.
+    dist_timeout_s: int = 300
 
 
 @dataclass
@@ -197,6 +201,7 @@ def validate(config: Config) -> None:
         "train.epochs": config.train.epochs,
         "optim.accumulate": config.optim.accumulate,
         "optim.lr": config.optim.lr,
+        "train.dist_timeout_s": config.train.dist_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

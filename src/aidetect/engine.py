@@ -13,6 +13,7 @@ from torch import nn
 
 from aidetect.data.shards import ShardLoader
 from aidetect.metrics import Predictions
+from aidetect.preemption import Stopped, StopRequest
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,15 +101,23 @@ def optimizer_step(stepper: Stepper) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: ShardLoader, device: torch.device, precision: str, channels_last: bool
+    model: nn.Module,
+    loader: ShardLoader,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    stop: StopRequest | None = None,
 ) -> Predictions:
     """This rank's predictions on its share of the split, with the model in eval mode (BatchNorm uses its
-    running statistics and does not update them). ``Predictions.gather()`` merges all ranks'."""
+    running statistics and does not update them). ``Predictions.gather()`` merges all ranks'. With
+    ``stop``, raises ``Stopped`` at the next batch once a stop signal arrived (nothing is saved)."""
     model.eval()
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
     predictions = Predictions()
     loader.set_epoch(0)
     for batch in loader:
+        if stop is not None and stop.requested:
+            raise Stopped("the evaluation was not finished and wrote nothing; run the same command again")
         inputs = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
         with autocast(device, precision):
             logits = model(inputs).float()

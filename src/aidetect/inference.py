@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from aidetect.checkpoint import load_checkpoint
+from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored, first_line
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.shards import build_loader, read_manifest
@@ -30,6 +31,7 @@ from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
 from aidetect.metrics import compute_metrics
 from aidetect.models import build_model
+from aidetect.preemption import StopRequest
 from aidetect.train import report_plots
 
 
@@ -51,7 +53,7 @@ def evaluate(
     mismatched = [k for k in ("mode", "size", "codec") if packed[k] != trained[k]]
     if mismatched:
         raise UserError(f"{data}: packed with other {', '.join(mismatched)} than the checkpoint was trained on")
-    info = setup_distributed()
+    info = setup_distributed(TrainConfig.dist_timeout_s)
     try:
         model = model_from_checkpoint(checkpoint, info.device)
         loader = build_loader(
@@ -64,7 +66,9 @@ def evaluate(
             device=info.device,
         )
         precision = resolve_precision(checkpoint["config"]["train"]["precision"], info.device)
-        predictions = evaluate_split(model, loader, info.device, precision, channels_last=False).gather()
+        with StopRequest() as stop:
+            predictions = evaluate_split(model, loader, info.device, precision, channels_last=False, stop=stop)
+        predictions = predictions.gather()
         metrics = compute_metrics(predictions)
         if info.is_main:
             folder = Path(out) if out else Path(checkpoint_path).parent

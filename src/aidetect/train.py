@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,13 +34,8 @@ from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, s
 from aidetect.fileio import atomic_write_json
 from aidetect.metrics import Predictions, compute_metrics, curves, is_better
 from aidetect.models import build_model
+from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
-
-PREEMPTED_EXIT_CODE = 3  # "stopped on a signal with a checkpoint saved: resume with --resume auto"
-
-
-class Preempted(Exception):
-    """Raised after the preemption checkpoint is saved; the CLI turns it into PREEMPTED_EXIT_CODE."""
 
 
 @dataclass
@@ -55,31 +50,20 @@ class RunState:
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Run the configured training; returns the test metrics of the best checkpoint."""
+    """Run the configured training; returns the test metrics of the best checkpoint. Raises ``Stopped``
+    after saving ``last.pt`` when a stop signal arrived (see ``aidetect.preemption``)."""
     validate(config)
-    info = setup_distributed()
+    info = setup_distributed(config.train.dist_timeout_s)
     try:
-        return Trainer(config, info).run()
+        with StopRequest() as stop:
+            return Trainer(config, info, stop).run()
     finally:
         cleanup_distributed()
 
 
-class StopFlag:
-    """Set by SIGTERM, SIGUSR1 (our sbatch scripts) or SIGUSR2 (submitit's jobs): a time limit or preemption
-    is near. Checked, and agreed across ranks, every ``log_every`` batches."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(signum, self.request)
-
-    def request(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-
 class Trainer:
-    def __init__(self, config: Config, info: DistInfo) -> None:
-        self.config, self.info = config, info
+    def __init__(self, config: Config, info: DistInfo, stop: StopRequest) -> None:
+        self.config, self.info, self.stop = config, info, stop
         self.out = Path(config.train.out)
         self.manifest = read_manifest(config.data.shards)
         self.image_size = config.data.crop or self.manifest["settings"]["size"]
@@ -97,7 +81,6 @@ class Trainer:
         self.state = RunState()
         resumed = self.resume()
         self.tracker = Tracker(config, self.out, resumed.get("wandb_id"), enabled=info.is_main)
-        self.stop = StopFlag()
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -172,6 +155,7 @@ class Trainer:
             f"training {config.model.name} on {self.info.world} process(es), {self.info.device.type}, "
             f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
         )
+        self.log(f"ranks by host: {ranks_by_host(all_gather_objects(socket.gethostname()))}")
         for epoch in range(self.state.epoch, config.train.epochs):
             start_batch = self.state.batch
             self.loaders["train"].set_epoch(epoch, start_batch)
@@ -182,9 +166,10 @@ class Trainer:
             if result.stopped:
                 self.state.epoch, self.state.batch = epoch, start_batch + result.batches
                 self.save("last.pt")
-                self.log(f"stopped by a signal at epoch {epoch + 1}, batch {self.state.batch}: saved last.pt")
+                self.log(f"stopped by {self.stop.signal_name} at epoch {epoch + 1}, batch {self.state.batch}")
                 self.tracker.finish()
-                raise Preempted(str(self.out / "last.pt"))
+                barrier()  # every rank leaves together: under srun --kill-on-bad-exit, none is killed mid-save
+                raise Stopped(f"{self.out / 'last.pt'} holds its position; continue with --resume auto")
             self.end_epoch(epoch, result)
         return self.test()
 
@@ -313,6 +298,14 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def ranks_by_host(hostnames: list[str]) -> str:
+    """``node1: 0,1; node2: 2,3`` from every rank's hostname (in rank order): where the job really ran."""
+    hosts: dict[str, list[int]] = {}
+    for rank, host in enumerate(hostnames):
+        hosts.setdefault(host, []).append(rank)
+    return "; ".join(f"{host}: {','.join(map(str, ranks))}" for host, ranks in hosts.items())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

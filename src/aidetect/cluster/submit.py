@@ -21,10 +21,11 @@ from typing import Any
 import submitit
 import torch
 
-from aidetect.cluster.profiles import Profile
+from aidetect.cluster.profiles import Profile, place
 from aidetect.config import Config, build, to_dict, validate
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
+from aidetect.preemption import RESUME_EXIT_CODE, Stopped, requeue_decision
 
 JOBS_FILE = "jobs.json"
 
@@ -36,7 +37,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        from aidetect.train import Preempted, train
+        from aidetect.train import train
 
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
@@ -46,7 +47,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(int(cpus))
         try:
             return train(build(Config, config, ""))
-        except Preempted:
+        except Stopped:
             if self.requeue(environment):
                 # The job is back in the queue and SLURM is about to end this attempt: leave at once, so that
                 # submitit records no result (it would read as a failure) and no DataLoader worker outlives us.
@@ -62,11 +63,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         if environment.global_rank != 0:
             return True
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if restarts >= self.max_requeues:
-            print(f"[aidetect] not requeued: already restarted {restarts} times (max_requeues)", flush=True)
-            return False
-        print(f"[aidetect] requeueing job {job_id} (restart {restarts + 1})", flush=True)
-        return subprocess.run(["scontrol", "requeue", job_id], check=False).returncode == 0
+        decision = requeue_decision(RESUME_EXIT_CODE, restarts, self.max_requeues)
+        print(f"[aidetect] job {job_id}: {decision.reason}", flush=True)
+        return decision.requeue and subprocess.run(["scontrol", "requeue", job_id], check=False).returncode == 0
 
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
@@ -100,6 +99,7 @@ def make_executor(profile: Profile, folder: Path, nodes: int, tasks_per_node: in
 
 
 def prepare(config: Config, profile: Profile) -> Config:
+    config = place(config, profile)
     if profile.wandb_mode and config.wandb.mode is None:
         config = replace(config, wandb=replace(config.wandb, mode=profile.wandb_mode))
     config = replace(config, train=replace(config.train, resume="auto"))
