@@ -38,10 +38,14 @@ def train_args(pack: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(pack), "--out", str(out), *BASE, *extra]
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([*command, "-m", "aidetect.cli", *args], capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(
+        [*TORCHRUN, "-m", "aidetect.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
@@ -102,19 +106,34 @@ def test_killed_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_path: 
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_sigterm_saves_the_position_and_resume_continues_exactly(tiny_pack: Path, tmp_path: Path) -> None:
-    args = ["--batch-size", "8", "--set", "train.deterministic=true"]
+def signal_group_at(
+    command: list[str], pattern: str, signum: int, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Start ``command`` in a process group of its own and, once its output shows ``pattern``, signal the
+    whole group, as SLURM (every process of the step), ``timeout`` and a terminal's Ctrl-C do."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
+    for line in process.stdout:
+        if pattern in line:
+            os.killpg(process.pid, signum)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_saves_the_position_and_resume_continues_exactly(
+    tiny_pack: Path, tmp_path: Path, signum: int
+) -> None:
+    args = ["--batch-size", "8", "--set", "train.deterministic=true", "--set", "data.workers=2"]
     reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args))
     assert reference.returncode == 0
     out = tmp_path / "preempted"
     command = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if "epoch 2 batch 2/" in line:
-            process.send_signal(signal.SIGTERM)  # what SLURM sends before a time limit or preemption
-            break
-    process.communicate(timeout=120)
-    assert process.returncode == 3
+    process = signal_group_at(command, "epoch 2 batch 2/", signum)  # DataLoader workers get it too
+    assert process.returncode == 3, process.stderr[-2000:]
+    assert "Traceback" not in process.stderr and "stopped by a signal" in process.stderr
     state = load_checkpoint(out / "last.pt")["state"]
     assert state["epoch"] == 1 and state["batch"] >= 2  # mid-epoch: the position is saved
     first_id = load_checkpoint(out / "last.pt")["wandb_id"]
@@ -124,6 +143,23 @@ def test_sigterm_saves_the_position_and_resume_continues_exactly(tiny_pack: Path
     assert all(torch.equal(a[key], b[key]) for key in a)
     runs = sorted(out.glob("wandb/offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(first_id) for r in runs)  # the same wandb run continues
+
+
+def test_sigterm_to_a_torchrun_group_checkpoints_every_rank_and_resumes(tiny_pack: Path, tmp_path: Path) -> None:
+    args = ["--batch-size", "4", "--epochs", "2", "--set", "train.deterministic=true", "--set", "data.workers=2"]
+    reference = torchrun(*train_args(tiny_pack, tmp_path / "reference", *args))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "preempted"
+    command = [*TORCHRUN, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
+    process = signal_group_at(command, "epoch 2 batch 2/", signal.SIGTERM, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    # torchrun itself reports the signal (exit 1); each rank saved its part and exited 3.
+    assert process.stderr.count("aidetect: stopped by a signal") == 2, process.stderr[-3000:]
+    state = load_checkpoint(out / "last.pt")["state"]
+    assert state["epoch"] == 1 and state["batch"] >= 2 and len(load_checkpoint(out / "last.pt")["rng"]) == 2
+    resumed = torchrun(*train_args(tiny_pack, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "reference"), weights(out)
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
