@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from aidetect.cuda_builds import check_visible_gpus
 from aidetect.errors import UserError
 
 
@@ -39,8 +40,12 @@ def environment_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def setup_distributed(timeout_s: int = 1800) -> DistInfo:
+def setup_distributed(timeout_s: int) -> DistInfo:
+    """Join the process group (when there is more than one process); ``timeout_s`` bounds every collective."""
     rank, world, local_rank = environment_ranks()
+    problems = check_visible_gpus()
+    if problems:  # now, as one line, rather than a CUDA error at the first kernel
+        raise UserError(problems[0])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

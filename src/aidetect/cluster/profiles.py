@@ -1,16 +1,25 @@
-"""Cluster profiles (``hpc/*.yaml``): where and how jobs run. Checked before anything is submitted."""
+"""Cluster profiles: where and how jobs run. Typed and checked like run configs, before anything is submitted.
+
+A profile is found by path, else as ``NAME.yaml`` in the folder ``$AIDETECT_PROFILES`` names, else among
+the profiles bundled with the package (``expanse``, ``local``; ``hpc/`` links to them), so an installed,
+non-editable package finds them too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from aidetect.config import Config, build
 from aidetect.errors import UserError
+from aidetect.preemption import DEFAULT_MAX_REQUEUES
 
-PROFILE_DIR = Path(__file__).resolve().parents[3] / "hpc"  # the repository's hpc/ (editable install)
+PROFILES_ENV = "AIDETECT_PROFILES"
 
 
 @dataclass
@@ -21,33 +30,52 @@ class Profile:
     partition: str | None = None
     partitions: list[str] = field(default_factory=list)  # the partitions that exist, to catch typos
     gpus_per_node: int = 0
+    gpu_arch: str | None = None  # e.g. sm_70: the GPUs' architecture, for hpc/setup_env.sh --profile
     cpus_per_task: int = 1
     mem_gb: int | None = None
     time_limit_min: int = 60
     signal_delay_s: int = 120
-    max_requeues: int = 10
+    max_requeues: int = DEFAULT_MAX_REQUEUES  # restarts after preemption, time limit or a lost task, all told
     setup: list[str] = field(default_factory=list)
-    runs_dir: str = "runs"
-    data_dir: str | None = None
+    runs_dir: str | None = None  # a relative --out resolves under it ($VARS expanded)
+    data_dir: str | None = None  # a relative --data resolves under it ($VARS expanded)
     wandb_mode: str | None = None
 
 
+def profile_path(name_or_path: str) -> Path:
+    """The YAML file a ``--profile`` argument names: a path, ``$AIDETECT_PROFILES/NAME.yaml``, or bundled."""
+    candidates = [Path(name_or_path)]
+    if os.environ.get(PROFILES_ENV):
+        candidates.append(Path(os.environ[PROFILES_ENV]) / f"{name_or_path}.yaml")
+    candidates.append(Path(str(resources.files("aidetect.profiles") / f"{name_or_path}.yaml")))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"profile {name_or_path!r} not found; use a YAML path or one of: {', '.join(known_profiles())}")
+
+
+def known_profiles() -> list[str]:
+    folders = [Path(str(resources.files("aidetect.profiles")))]
+    if os.environ.get(PROFILES_ENV):
+        folders.append(Path(os.environ[PROFILES_ENV]))
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+
+
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:
-    """A profile by name (``hpc/NAME.yaml``) or path; ``overrides`` (account, partition, ...) win when not None."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-        raise UserError(f"profile {name_or_path!r} not found; use a YAML path or one of: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    known_keys = {f.name for f in fields(Profile)}
-    unknown = sorted(set(raw) - known_keys)
-    if unknown:
-        raise UserError(f"{path}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(known_keys))}")
+    """A profile by name or path; ``overrides`` (account, partition, ...) win when not None."""
+    path = profile_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a profile is a mapping of keys ({', '.join(f.name for f in fields(Profile))})")
     raw.setdefault("name", path.stem)
     raw |= {key: value for key, value in overrides.items() if value is not None}
-    profile = Profile(**raw)
+    try:
+        profile = build(Profile, raw, "")
+    except UserError as exc:  # "config key K ..." from the shared type checks, said of this file
+        raise UserError(f"{path}: {str(exc).removeprefix('config ')}") from None
     check(profile, path)
     return profile
 
@@ -61,3 +89,28 @@ def check(profile: Profile, path: Path) -> None:
         raise UserError(
             f"{path}: partition {profile.partition!r} is not one of this cluster's: {', '.join(profile.partitions)}"
         )
+    for key in ("gpus_per_node", "max_requeues", "signal_delay_s"):
+        if getattr(profile, key) < 0:
+            raise UserError(f"{path}: {key} must not be negative, got {getattr(profile, key)}")
+    for key in ("cpus_per_task", "time_limit_min"):
+        if getattr(profile, key) < 1:
+            raise UserError(f"{path}: {key} must be at least 1, got {getattr(profile, key)}")
+
+
+def under(folder: str | None, path: str | None) -> str | None:
+    """``path`` resolved under ``folder`` when it is relative (environment variables expanded in both)."""
+    if path is None or folder is None or Path(os.path.expandvars(path)).is_absolute():
+        return path
+    expanded = os.path.expandvars(folder)
+    if "$" in expanded:
+        raise UserError(f"profile folder {folder!r}: {expanded!r} still names an unset environment variable")
+    return str(Path(expanded) / path)
+
+
+def place(config: Config, profile: Profile) -> Config:
+    """The config with a relative run folder and pack folder under the profile's runs_dir and data_dir."""
+    return replace(
+        config,
+        data=replace(config.data, shards=under(profile.data_dir, config.data.shards)),
+        train=replace(config.train, out=under(profile.runs_dir, config.train.out)),
+    )

@@ -1,0 +1,1 @@
+"""Bundled cluster profiles (YAML), found by name: ``--profile expanse``."""
