@@ -1,4 +1,4 @@
-# Shared by the sbatch scripts in slurm/ (sourced, not run): environment, DDP rendezvous, and running a
+# Shared by the sbatch scripts in slurm/ (sourced, not run): the environment, and running a
 # command under srun that checkpoints and requeues the job when SLURM warns of the time limit.
 
 setup_environment() {
@@ -7,9 +7,6 @@ setup_environment() {
     else
         source "${AIDETECT_VENV:-$AIDETECT_REPO/.venv}/bin/activate"
     fi
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    export MASTER_ADDR
-    export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
     export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
     export PYTHONUNBUFFERED=1
     echo "[aidetect-sbatch] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} task(s)"

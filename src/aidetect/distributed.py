@@ -2,12 +2,14 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under ``srun`` (one task per
 GPU) the rank and world come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the rendezvous
-address from MASTER_ADDR / MASTER_PORT, which the sbatch scripts export (first node of the job).
+from MASTER_ADDR / MASTER_PORT when set (submitit sets them), else from the job: the first host of
+SLURM_JOB_NODELIST and a port derived from the job id, the same on every node of the job.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -40,6 +42,21 @@ def environment_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_rendezvous() -> None:
+    """MASTER_ADDR / MASTER_PORT for a job step started by srun, when nobody exported them."""
+    env = os.environ
+    if "MASTER_ADDR" in env or "SLURM_JOB_NODELIST" not in env:
+        return
+    try:
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise UserError(f"cannot expand SLURM_JOB_NODELIST with scontrol ({exc}); export MASTER_ADDR") from None
+    env["MASTER_ADDR"] = hosts[0]
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def setup_distributed(timeout_s: int) -> DistInfo:
     """Join the process group (when there is more than one process); ``timeout_s`` bounds every collective."""
     rank, world, local_rank = environment_ranks()
@@ -52,6 +69,7 @@ def setup_distributed(timeout_s: int) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        slurm_rendezvous()
         if "MASTER_ADDR" not in os.environ:
             raise UserError("MASTER_ADDR is not set: launch multi-process runs with torchrun or the slurm/ scripts")
         backend = "nccl" if device.type == "cuda" else "gloo"
