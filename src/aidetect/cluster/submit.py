@@ -178,7 +178,7 @@ def wait(jobs: list[submitit.Job], poll_s: float = 5.0) -> bool:
     failed = []
     for job in jobs:
         try:
-            job.result()
+            job.results()  # one per task: a multi-node job has several
         except Exception as exc:  # the job's own traceback is in its log
             failed.append(f"{job.job_id}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}")
     for line in failed:

@@ -1,0 +1,147 @@
+"""Jobs across hosts on the multi-host local cluster (hpc/local_cluster/start.sh --nodes 3): every node is
+a host of its own (hostname aidetect-nK, its own address), so DDP rendezvous and gloo really cross hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from test_slurm import SBATCH, options, submit, wait_for, weights
+
+# One process at batch 8 is the reference for every run below at the same global batch of 8.
+GLOBAL_BATCH = 8
+DETERMINISTIC = ("--set", "train.deterministic=true")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nodes() -> list[str]:
+    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
+        pytest.fail("no SLURM cluster answers: start one with 'sudo bash hpc/local_cluster/start.sh --nodes 3'")
+    names = sorted(
+        set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+    )
+    if len(names) < 2:
+        pytest.skip(
+            f"cross-host tests need a cluster of 2 or more nodes, this one has {len(names)} ({', '.join(names)}): "
+            "start it with 'sudo bash hpc/local_cluster/start.sh --nodes 3'"
+        )
+    return names
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """Weights of one process trained at the global batch, one thread as the jobs' tasks."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    args = options(2, GLOBAL_BATCH, *DETERMINISTIC)
+    result = run_cli(
+        "train", "--data", str(tiny_pack), "--out", str(out), *args, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return weights(out)
+
+
+def hosts_of_ranks(log: Path) -> dict[str, list[int]]:
+    """Rank 0's "ranks by host: HOST: 0,1; HOST2: 2,3" line, as {HOST: [0, 1], HOST2: [2, 3]}."""
+    match = re.search(r"ranks by host: (.*)", log.read_text())
+    assert match, f"no 'ranks by host' line in {log}"
+    hosts = (entry.split(": ") for entry in match.group(1).strip().split("; "))
+    return {host: [int(rank) for rank in ranks.split(",")] for host, ranks in hosts}
+
+
+def assert_spread(hosts: dict[str, list[int]], nodes: list[str], ranks_per_host: int) -> None:
+    assert len(hosts) == 2 and set(hosts) <= set(nodes), hosts
+    assert sorted(rank for ranks in hosts.values() for rank in ranks) == list(range(2 * ranks_per_host))
+    assert all(len(ranks) == ranks_per_host for ranks in hosts.values()), hosts
+
+
+def assert_trained_alike(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_sbatch_on_two_hosts_trains_like_one_process(
+    tiny_pack: Path, tmp_path: Path, nodes: list[str], reference: dict[str, torch.Tensor]
+) -> None:
+    args = options(2, GLOBAL_BATCH // 4, *DETERMINISTIC)
+    out = tmp_path / "job"
+    job = submit(
+        "--nodes=2",
+        "--ntasks-per-node=2",
+        str(SBATCH),
+        "--data",
+        str(tiny_pack),
+        "--out",
+        str(out),
+        *args,
+        cwd=tmp_path,
+    )
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
+    log = tmp_path / f"aidetect-train-{job}.out"
+    assert "on 4 process(es), cpu" in log.read_text()
+    assert_spread(hosts_of_ranks(log), nodes, ranks_per_host=2)
+    assert_trained_alike(reference, weights(out))
+
+
+def test_submit_train_on_two_hosts_trains_like_one_process(
+    tiny_pack: Path, tmp_path: Path, nodes: list[str], reference: dict[str, torch.Tensor]
+) -> None:
+    run = tmp_path / "submitted"
+    args = options(2, GLOBAL_BATCH // 2, *DETERMINISTIC)
+    result = run_cli(
+        "submit",
+        "train",
+        "--profile",
+        "local",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--wait",
+        "--data",
+        str(tiny_pack),
+        "--out",
+        str(run),
+        *args,
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    job = json.loads((run / "jobs.json").read_text())["jobs"][0]
+    assert_spread(hosts_of_ranks(Path(job["stdout"])), nodes, ranks_per_host=1)
+    assert_trained_alike(reference, weights(run))
+
+
+def test_submit_cv_spreads_its_folds_over_the_nodes(tiny_pack: Path, tmp_path: Path, nodes: list[str]) -> None:
+    run = tmp_path / "cv"
+    result = run_cli(
+        "submit",
+        "cv",
+        "--profile",
+        "local",
+        "--folds",
+        "5",
+        "--wait",
+        "--data",
+        str(tiny_pack),
+        "--out",
+        str(run),
+        *options(1, 32),  # as few steps as possible: only where the folds ran matters
+        env=os.environ | {"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    used = {node_list(job["job_id"]) for job in jobs}
+    assert len(jobs) == 5 and used <= set(nodes) and len(used) >= 2, used
+
+
+def node_list(job_id: str) -> str:
+    """Where an array task ran, as sacct recorded it (one node each: the tasks are one-node jobs)."""
+    result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True)
+    return result.stdout.strip()
