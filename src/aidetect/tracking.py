@@ -7,6 +7,7 @@ error is reported once and logging stops; training goes on.
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import sys
@@ -28,6 +29,16 @@ def has_api_key() -> bool:
 
 def resolve_mode(config: Config) -> str:
     return config.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if has_api_key() else "offline")
+
+
+def close_quietly() -> None:
+    """Tear wandb down now, ignoring errors, so that its exit hook has nothing left to fail on. Its service
+    process shuts down on the SIGTERM SLURM sends to every process of a job step, and the hook would then
+    print a traceback after our checkpoint line."""
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown()
 
 
 class Tracker:
@@ -69,6 +80,7 @@ class Tracker:
         except Exception as exc:  # wandb must never end a training run
             print(f"aidetect: wandb disabled after an error: {type(exc).__name__}: {exc}", file=sys.stderr)
             self.run = None
+            close_quietly()
 
     def log(self, values: dict[str, Any], step: int) -> None:
         self.guard(lambda: self.run.log(values, step=step))

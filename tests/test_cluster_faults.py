@@ -1,0 +1,145 @@
+"""Faults as a multi-host SLURM cluster delivers them, on the local test cluster (start.sh --nodes N >= 2):
+SIGTERM to every process of a two-node job, one rank killed, one node lost. Each job must end its step
+quickly, be requeued, resume from last.pt and finish with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_slurm import ARGS, REPO, SBATCH, release, state, submit, wait_for, wait_for_line, weights
+
+from aidetect.checkpoint import load_checkpoint
+
+CLUSTER = REPO / "hpc" / "local_cluster"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def cluster_nodes() -> list[str]:
+    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
+    return sorted(set(result.stdout.split()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def multi_host() -> None:
+    if len(cluster_nodes()) < 2:
+        pytest.skip("needs the multi-host test cluster: bash hpc/local_cluster/start.sh --nodes 3")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The same training as the jobs' two ranks, uninterrupted, under torchrun on one host."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    command += ["aidetect.cli", "train", "--data", str(tiny_pack), "--out", str(out), *ARGS]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return weights(out)
+
+
+def two_node_job(tiny_pack: Path, tmp_path: Path) -> tuple[str, Path, Path]:
+    """A 2-node, 1-task-per-node training job, followed until it is in the middle of its second epoch."""
+    out = tmp_path / "job"
+    job = submit(
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        str(SBATCH),
+        "--data",
+        str(tiny_pack),
+        "--out",
+        str(out),
+        *ARGS,
+        cwd=tmp_path,
+    )
+    log = tmp_path / f"aidetect-train-{job}.out"
+    wait_for_line(log, r"epoch 2 batch 3/")
+    return job, out, log
+
+
+def hosts_of_ranks(log: Path) -> dict[int, str]:
+    """{rank: host} from the 'ranks by host: h1: 0; h2: 1' line of the training log."""
+    line = re.search(r"ranks by host: (.*)", log.read_text()).group(1)
+    return {
+        int(rank): host for part in line.split("; ") for host, ranks in [part.split(": ")] for rank in ranks.split(",")
+    }
+
+
+def finish_and_compare(job: str, out: Path, log: Path, reference: dict[str, torch.Tensor]) -> None:
+    release(job)
+    assert wait_for(job, ENDED) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert re.search(r"\(restart [1-9]\)", text) and "resumed from" in text
+    assert len(set(hosts_of_ranks(log).values())) == 2  # the resumed run crossed hosts too
+    result = weights(out)
+    assert all(torch.equal(reference[key], result[key]) for key in reference)
+
+
+def test_sigterm_to_every_process_of_a_two_node_job_checkpoints_requeues_and_resumes(
+    tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    job, out, log = two_node_job(tiny_pack, tmp_path)
+    # Preemption as SLURM delivers it (GraceTime): SIGTERM to every process of the job step, DataLoader
+    # workers included, on every node.
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    wait_for_line(log, r"requeueing job")
+    wait_for(job, {"PENDING", "REQUEUED"})
+    position = load_checkpoint(out / "last.pt")["state"]
+    assert position["epoch"] == 1 and position["batch"] >= 3  # mid-epoch, at a step both ranks agreed on
+    assert "Traceback" not in log.read_text()
+    finish_and_compare(job, out, log, reference)
+
+
+def task_pid(out: Path, rank: int) -> int:
+    """The training process (not a DataLoader worker) of ``rank`` of the job writing to ``out``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = (Path("/proc") / (entry / "stat").read_text().split()[3] / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in command and f"SLURM_PROCID={rank}".encode() in environ and b"aidetect" not in parent:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} process writing to {out}")
+
+
+def test_a_killed_rank_ends_the_step_at_once_and_the_job_resumes(
+    tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    job, out, log = two_node_job(tiny_pack, tmp_path)
+    killed = time.monotonic()
+    os.kill(task_pid(out, rank=1), signal.SIGKILL)  # out of memory, a segfault: no chance to save
+    wait_for_line(log, r"requeueing job", timeout=120)
+    waited = time.monotonic() - killed
+    print(f"\n[figure] surviving rank's job step ended {waited:.1f} s after rank 1 was killed")
+    assert waited < 60, f"the surviving rank waited {waited:.0f} s"
+    wait_for(job, {"PENDING", "REQUEUED"})
+    position = load_checkpoint(out / "last.pt")["state"]
+    assert (position["epoch"], position["batch"]) == (1, 0)  # nothing saved mid-epoch: the end of epoch 1
+    finish_and_compare(job, out, log, reference)
+
+
+def test_a_lost_node_ends_the_step_the_job_waits_for_nodes_and_resumes(
+    tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    nodes = cluster_nodes()
+    job, out, log = two_node_job(tiny_pack, tmp_path)
+    lost = hosts_of_ranks(log)[1]  # not the batch script's node (rank 0's): the job must outlive the loss
+    started = time.monotonic()
+    subprocess.run(["bash", str(CLUSTER / "stop.sh"), "--node", lost.removeprefix("aidetect-n")], check=True)
+    try:
+        wait_for(job, {"PENDING", "REQUEUED"}, timeout=180)
+        waited = time.monotonic() - started
+        print(f"\n[figure] job requeued {waited:.1f} s after node {lost} was lost")
+        assert waited < 90
+    finally:  # the node comes back, as a repaired node would
+        subprocess.run(["bash", str(CLUSTER / "start.sh"), "--nodes", str(len(nodes))], check=True)
+    assert state(job) in {"PENDING", "REQUEUED"}
+    finish_and_compare(job, out, log, reference)
