@@ -4,7 +4,9 @@ Work is resumable at shard granularity: each shard is written under a temporary 
 when complete, and its record (which files it holds, what was skipped and why, its sha256) goes to
 ``OUT/.pack-state/``. A re-run after an interruption keeps every complete shard and redoes the rest,
 and because encoding and tar headers are deterministic the result is byte-identical. The manifest is
-written last, atomically, and lists every file under SRC as packed, repaired or skipped.
+written last, atomically, and lists every file under SRC as packed, repaired or skipped, and every
+shard's size and sha256. A re-run on a finished pack checks each shard against them and rewrites,
+byte-identically, any shard damaged since (e.g. by a truncated copy).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -27,11 +29,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, decode_image, first_line
+from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, preprocess
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
+from aidetect.preemption import Stopped, StopRequest
 
 CLASSES = {"real": 0, "fake": 1}  # positive class = AI-generated
 MANIFEST = "manifest.json"
@@ -220,7 +224,11 @@ def pack(
     workers: int | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Pack ``src`` into shards under ``out``; returns the manifest (with a ``run`` entry of timings)."""
+    """Pack ``src`` into shards under ``out``; returns the manifest (with a ``run`` entry of timings).
+
+    On a finished pack, only shards that no longer match the manifest are rewritten (``run`` lists them as
+    ``restored``); when every shard matches, nothing is written and the manifest comes back without ``run``.
+    """
     started = time.perf_counter()
     settings.validate()
     src, out = Path(src).resolve(), Path(out).resolve()
@@ -228,33 +236,96 @@ def pack(
     candidates, pre_skipped, layout = scan_source(src)
     check_out_dir(src, out, settings)
     plans = plan_shards(candidates, settings)
-    if (out / MANIFEST).exists():  # finished earlier with the same settings and files: nothing to do
-        manifest = json.loads((out / MANIFEST).read_text())
-        accounted = {p for s in manifest["shards"] for p in s["paths"]} | {r["path"] for r in manifest["skipped"]}
-        if accounted == {f.relpath for f in candidates} | {r["path"] for r in pre_skipped}:
-            return manifest
-        raise UserError(f"{out}: holds a pack of different files; pack into a new folder or delete this one")
-    state = out / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.tar.tmp"):
+    for stale in out.glob("*.tar.tmp"):  # what a run killed mid-write leaves
         stale.unlink()
-    todo = [p for p in plans if not shard_is_complete(out, p, settings)]
+    run: dict[str, Any] = {}
+    if (out / MANIFEST).exists():  # finished earlier with the same settings and files
+        manifest = finished_manifest(out, candidates, pre_skipped)
+        todo = restore_damaged(out, manifest, plans, settings, workers, progress)
+        if not todo:
+            return manifest
+        run["restored"] = [f"{p.name}.tar" for p in todo]
+    else:
+        state = out / STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        todo = [p for p in plans if not shard_is_complete(out, p, settings)]
+        pack_shards(todo, settings, workers, progress, partial(write_shard, out, settings=settings))
+        manifest = build_manifest(src, out, plans, pre_skipped, layout, settings)
+        atomic_write_json(out / MANIFEST, manifest)
+        shutil.rmtree(state)
+    run |= {"processed": sum(len(p.files) for p in todo), "seconds": time.perf_counter() - started, "workers": workers}
+    return manifest | {"run": run}
+
+
+def pack_shards(
+    todo: list[ShardPlan],
+    settings: PackSettings,
+    workers: int,
+    progress: bool | None,
+    keep: Callable[[ShardPlan, list[dict]], None],
+) -> None:
+    """Pack the files of the ``todo`` shards in ``workers`` processes; ``keep(plan, records)`` writes each shard.
+    A stop signal (see ``aidetect.preemption``) ends it after the image in hand with ``Stopped``: every
+    shard written so far is complete and kept, and the same command continues from there."""
     files = [f for p in todo for f in p.files]
     records = parallel_imap(partial(pack_one, settings=settings), files, workers)
     bar = tqdm(total=len(files), desc="pack", unit="img", disable=None if progress is None else not progress)
-    for plan in todo:
-        write_shard(out, plan, [next(records) for _ in plan.files], settings)
-        bar.update(len(plan.files))
-    bar.close()
-    records.close()
-    manifest = build_manifest(src, out, plans, pre_skipped, layout, settings)
-    atomic_write_json(out / MANIFEST, manifest)
-    shutil.rmtree(state)
-    elapsed = time.perf_counter() - started
-    processed = len(files)
-    manifest_with_run = dict(manifest)
-    manifest_with_run["run"] = {"processed": processed, "seconds": elapsed, "workers": workers}
-    return manifest_with_run
+    try:
+        with StopRequest() as stop:
+            for plan in todo:
+                shard = []
+                for _ in plan.files:
+                    shard.append(next(records))
+                    if stop.requested:
+                        raise Stopped("every complete shard is kept; run the same command again to continue")
+                keep(plan, shard)
+                bar.update(len(plan.files))
+    finally:
+        bar.close()
+        records.close()  # cancels the images not yet started and lets the workers end
+
+
+def finished_manifest(out: Path, candidates: list[SourceFile], pre_skipped: list[dict]) -> dict[str, Any]:
+    """The manifest of the finished pack in ``out``; ``UserError`` unless it accounts for exactly these files."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    accounted = {p for s in manifest["shards"] for p in s["paths"]} | {r["path"] for r in manifest["skipped"]}
+    if accounted != {f.relpath for f in candidates} | {r["path"] for r in pre_skipped}:
+        raise UserError(f"{out}: holds a pack of different files; pack into a new folder or delete this one")
+    return manifest
+
+
+def restore_damaged(
+    out: Path,
+    manifest: dict[str, Any],
+    plans: list[ShardPlan],
+    settings: PackSettings,
+    workers: int,
+    progress: bool | None,
+) -> list[ShardPlan]:
+    """Re-pack the shards of a finished pack that are missing or differ from the manifest in size or sha256
+    (reads every shard once); returns their plans, empty when the pack is intact."""
+    damaged = {Path(problem.path).name for problem in manifest_problems(out, manifest["shards"], workers)}
+    todo = [p for p in plans if f"{p.name}.tar" in damaged]
+    entries = {s["name"]: s for s in manifest["shards"]}
+    pack_shards(todo, settings, workers, progress, partial(restore_shard, out, entries, settings=settings))
+    return todo
+
+
+def restore_shard(
+    out: Path, entries: dict[str, dict], plan: ShardPlan, records: list[dict], settings: PackSettings
+) -> None:
+    """Rewrite one shard of a finished pack. Packing is deterministic, so the rewrite is byte-identical to
+    the manifest's entry; that is checked before it replaces the damaged file."""
+    tmp, final = out / f"{plan.name}.tar.tmp", out / f"{plan.name}.tar"
+    write_tar(tmp, plan, records, settings)
+    entry = entries[final.name]
+    if file_problem(tmp, entry["bytes"], entry["sha256"]):
+        tmp.unlink()
+        raise UserError(
+            f"{final}: is damaged, and packing its source files again gives other bytes than the manifest "
+            "records (the files changed since they were packed); pack into a new folder"
+        )
+    os.replace(tmp, final)
 
 
 def check_out_dir(src: Path, out: Path, settings: PackSettings) -> None:
@@ -301,9 +372,25 @@ def shard_is_complete(out: Path, plan: ShardPlan, settings: PackSettings) -> boo
 def write_shard(out: Path, plan: ShardPlan, records: list[dict], settings: PackSettings) -> None:
     """Write the shard's tar under a temporary name, rename it, then record it in the state folder."""
     tmp, final = out / f"{plan.name}.tar.tmp", out / f"{plan.name}.tar"
+    write_tar(tmp, plan, records, settings)
+    os.replace(tmp, final)
+    sidecar = {
+        "name": plan.name,
+        "split": plan.split,
+        "settings": asdict(settings),
+        "planned": [f.relpath for f in plan.files],
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size,
+        "records": [{k: r[k] for k in ("path", "class", "status", "reason") if k in r} for r in records],
+    }
+    atomic_write_json(out / STATE_DIR / f"{plan.name}.json", sidecar)
+
+
+def write_tar(path: Path, plan: ShardPlan, records: list[dict], settings: PackSettings) -> None:
+    """The shard's tar of the packed (not skipped) ``records``, written to ``path`` and synced to disk."""
     extension = "png" if settings.codec == "png" else "jpg"
     kept = [r for r in records if r["status"] != "skipped"]
-    with open(tmp, "wb") as stream:
+    with open(path, "wb") as stream:
         # Fixed mtime and owner make the tar byte-identical when a shard is rewritten after a resume.
         with wds.TarWriter(stream, user="aidetect", group="aidetect", mtime=0, encoder=False) as writer:
             for r in kept:
@@ -319,25 +406,6 @@ def write_shard(out: Path, plan: ShardPlan, records: list[dict], settings: PackS
                 )
         stream.flush()
         os.fsync(stream.fileno())
-    os.replace(tmp, final)
-    sidecar = {
-        "name": plan.name,
-        "split": plan.split,
-        "settings": asdict(settings),
-        "planned": [f.relpath for f in plan.files],
-        "sha256": sha256_file(final),
-        "bytes": final.stat().st_size,
-        "records": [{k: r[k] for k in ("path", "class", "status", "reason") if k in r} for r in records],
-    }
-    atomic_write_json(out / STATE_DIR / f"{plan.name}.json", sidecar)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def build_manifest(

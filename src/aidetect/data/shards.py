@@ -16,17 +16,24 @@ returns them, and augmentation is seeded per sample: what a rank yields depends 
 (seed, epoch, rank, world, batch size), not on the number of workers. Each worker holds one whole
 shard in memory at a time; workers and ranks on one node that read the same shard share the page
 cache, so a node reads each shard from a parallel file system about once per epoch.
+
+Shards are checked against the manifest, since copies between file systems get truncated or
+corrupted: every selected shard's size when the loader is built, and a shard's sha256 the first time
+a process reads it. A damaged shard or sample ends the run with one ``UserError`` line naming the
+file and how to restore it, also when a DataLoader worker process found it.
 """
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import hashlib
 import itertools
 import json
 import random
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,15 +43,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aidetect.data.decode import decode_stored
+from aidetect.data.integrity import ShardProblem, bytes_problem, damaged, file_problem, manifest_problems
 from aidetect.data.pack import FORMAT, MANIFEST
 from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
 from aidetect.errors import UserError
+from aidetect.preemption import ignore_stop_signals
 
 
 @dataclass(frozen=True)
 class Shard:
     path: str
     count: int
+    bytes: int  # size and sha256 as the manifest records them
+    sha256: str
 
 
 class Batch(NamedTuple):
@@ -90,10 +101,21 @@ def select_shards(shard_dir: str | Path, splits: list[str]) -> list[Shard]:
     for entry in manifest["shards"]:
         path = Path(shard_dir) / entry["name"]
         if entry["split"] in splits and entry["count"] > 0:
-            if not path.is_file():
-                raise UserError(f"{path}: listed in the manifest but missing; re-run 'aidetect pack' to restore it")
-            shards.append(Shard(str(path), entry["count"]))
+            problem = file_problem(path, entry["bytes"])  # a stat: a truncated copy fails here, before any work
+            if problem:
+                raise problem.error()
+            shards.append(Shard(str(path), entry["count"], entry["bytes"], entry["sha256"]))
     return shards
+
+
+def verify_shards(shard_dir: str | Path, workers: int = 4) -> list[ShardProblem]:
+    """Every shard the manifest of ``shard_dir`` lists, checked against it: present, its size, its sha256.
+
+    Returns the damaged shards, in manifest order (empty when the pack is intact); ``str()`` of each is a
+    line naming the file and how to restore it. Reads every shard once, ``workers`` at a time. Raises
+    ``UserError`` when the folder holds no readable manifest.
+    """
+    return manifest_problems(shard_dir, read_manifest(shard_dir)["shards"], workers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,45 +207,95 @@ class ShardDataset(IterableDataset):
                 index = bisect.bisect_right(starts, position) - 1
                 if index not in loaded:
                     loaded.clear()  # positions only grow: one shard in memory at a time
-                    samples = list(tar_samples(order[index].path))
+                    samples = shard_samples(order[index])
                     loaded[index] = [samples[i] for i in sample_permutation(order[index], self.seed, epoch, self.train)]
                 sample = loaded[index][position - starts[index]]
-                yield self.image(sample, epoch), int(sample["cls"]), sample["__key__"]
+                yield self.image(sample, epoch, order[index].path), int(sample["cls"]), sample["__key__"]
 
-    def image(self, sample: dict[str, Any], epoch: int) -> torch.Tensor:
-        image = torch.from_numpy(decode_stored(sample.get("jpg", sample.get("png"))))
+    def image(self, sample: dict[str, Any], epoch: int, path: str) -> torch.Tensor:
+        stored = sample.get("jpg", sample.get("png"))
+        pixels = decode_stored(stored) if stored else None
+        if pixels is None:
+            raise damaged(path, f"sample {sample['__key__']} holds no decodable image").error()
+        image = torch.from_numpy(pixels)
         if self.train:
             generator = torch.Generator().manual_seed(seeded("augment", self.seed, epoch, sample["__key__"]))
             return augment(image, self.crop or image.shape[0], generator)
         return center_crop_tensor(image, self.crop) if self.crop else image
 
 
-def tar_samples(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one of our shards: members grouped by key, WebDataset's convention.
+_verified: set[str] = set()  # shards whose sha256 this process has checked (persistent workers: once per run)
+
+
+def read_shard(shard: Shard) -> bytes:
+    """The bytes of ``shard``, checked against its manifest entry: the size at every read (free) and the
+    sha256 the first time this process reads it, so each worker hashes a shard once per run, not per
+    epoch. Raises ``UserError`` naming the shard when either differs."""
+    with open(shard.path, "rb") as f:
+        data = f.read()
+    problem = bytes_problem(shard.path, data, shard.bytes, None if shard.path in _verified else shard.sha256)
+    if problem:
+        raise problem.error()
+    _verified.add(shard.path)
+    return data
+
+
+def shard_samples(shard: Shard) -> list[dict[str, Any]]:
+    """All samples of a checked shard, as many as the manifest records."""
+    samples = list(tar_samples(shard.path, read_shard(shard)))
+    if len(samples) != shard.count:
+        raise damaged(shard.path, f"{len(samples)} samples where the manifest records {shard.count}").error()
+    return samples
+
+
+def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one of our shards (``data``: its bytes, when already read): members grouped by key,
+    WebDataset's convention. Raises ``UserError`` naming the shard when it is not such an archive, whole.
 
     Our shards are plain USTAR archives that we wrote, so their 512-byte headers can be read at fixed
     offsets. Python's tarfile module spends ~0.2 ms per sample parsing the same headers, a third of
     a loader worker's time (measured); plain ``webdataset`` still reads these files as they are.
     """
-    with open(path, "rb") as f:
-        data = memoryview(f.read())
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    view = memoryview(data)
     sample: dict[str, Any] = {}
     offset = 0
-    while offset + 512 <= len(data) and any(data[offset : offset + 512]):
-        header = data[offset : offset + 512]
-        name = bytes(header[:100]).rstrip(b"\0").decode()
-        size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
-        if bytes(header[156:157]) not in (b"0", b"\0"):
-            raise UserError(f"{path}: holds a tar member of an unexpected type ({name}); re-pack it with aidetect pack")
-        key, _, extension = name.partition(".")
+    while offset + 512 <= len(view) and any(view[offset : offset + 512]):
+        key, extension, size = member_header(path, view[offset : offset + 512], offset)
+        if offset + 512 + size > len(view):
+            raise unreadable_tar(path, offset, f"member {key}.{extension} runs past the end of the file")
         if sample and key != sample["__key__"]:
             yield sample
             sample = {}
         sample["__key__"] = key
-        sample[extension] = bytes(data[offset + 512 : offset + 512 + size])
+        sample[extension] = bytes(view[offset + 512 : offset + 512 + size])
         offset += 512 + -(-size // 512) * 512
+    if offset + 512 > len(view):  # a whole archive ends with zero blocks: this one was cut short
+        raise unreadable_tar(path, offset, "no end-of-archive marker")
     if sample:
         yield sample
+
+
+def member_header(path: str, header: memoryview, offset: int) -> tuple[str, str, int]:
+    """Key, extension and size of the member whose header is ``header``; ``UserError`` when it is no
+    header of a file member named KEY.EXTENSION, as our shards hold."""
+    try:
+        name = bytes(header[:100]).rstrip(b"\0").decode()
+        size = int(bytes(header[124:136]).strip(b"\0 ") or b"0", 8)
+    except ValueError:  # UnicodeDecodeError included: bytes that are no name or no octal number
+        raise unreadable_tar(path, offset, "a corrupted member header") from None
+    key, dot, extension = name.partition(".")
+    if not (key and dot and extension):
+        raise unreadable_tar(path, offset, f"member name {name!r} is no KEY.EXTENSION")
+    if bytes(header[156:157]) not in (b"0", b"\0"):
+        raise unreadable_tar(path, offset, f"member {name} is not a plain file")
+    return key, extension, size
+
+
+def unreadable_tar(path: str, offset: int, detail: str) -> UserError:
+    return damaged(path, f"unreadable at byte {offset}: {detail}").error()
 
 
 class ShardLoader:
@@ -240,6 +312,7 @@ class ShardLoader:
             pin_memory=device.type == "cuda",
             prefetch_factor=4 if num_workers else None,
             persistent_workers=num_workers > 0,  # no fork and warm-up per epoch
+            worker_init_fn=ignore_stop_signals,  # the training process decides when its workers end
         )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -252,7 +325,10 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """Normalised batches on the device: uint8 crosses to the GPU (4x less than float) and is
         normalised there, as timm's prefetcher does."""
-        for step, (images, labels, keys) in enumerate(self.loader, start=self.dataset.start_batch):
+        batches = iter(self.loader)
+        if self.loader.num_workers:
+            _worker_owners.add(batches)
+        for step, (images, labels, keys) in enumerate(one_line_errors(batches), start=self.dataset.start_batch):
             images = images.to(self.device, non_blocking=True)
             noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
             yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys))
@@ -264,6 +340,34 @@ class ShardLoader:
         batch, height, width, channels = shape
         noise = torch.randn((d.world * batch, channels, height, width), generator=generator, device=self.device)
         return noise[d.rank * batch : (d.rank + 1) * batch].mul_(self.noise_std)
+
+
+# DataLoader iterators that own worker processes. The workers ignore stop signals, so any still alive when
+# the interpreter exits (e.g. after an error in an epoch keeps an iterator referenced) would block
+# multiprocessing's exit hook, which joins them after a SIGTERM, for ever: they are ended first.
+_worker_owners: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register  # registered after torch's exit hooks, so it runs before them, while shutdown still works
+def end_workers() -> None:
+    for iterator in list(_worker_owners):
+        iterator._shutdown_workers()  # what the iterator's __del__ does
+
+
+def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
+    """``batches``, with a ``UserError`` from a DataLoader worker process as the one line it was raised with.
+
+    torch re-raises a worker's exception in this process as the same type, with the message "Caught
+    UserError in DataLoader worker process N." and the worker's traceback text, whose last line is
+    "aidetect.errors.UserError: <message>".
+    """
+    try:
+        yield from batches
+    except UserError as exc:
+        lines = str(exc).rstrip().splitlines()
+        if len(lines) < 2:  # raised in this process (no workers): already one line
+            raise
+        raise UserError(lines[-1].partition(": ")[2]) from None
 
 
 def build_loader(
