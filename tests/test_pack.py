@@ -145,6 +145,28 @@ def test_interrupted_pack_resumes_to_the_same_result(synth_dir: Path, tmp_path: 
     assert again.returncode == 0 and manifest_of(out) == manifest_of(reference) | {"source": manifest_of(out)["source"]}
 
 
+def test_a_signal_to_the_process_group_stops_pack_keeping_every_complete_shard(synth_dir: Path, tmp_path: Path) -> None:
+    options = ["--shard-size", "2", "--workers", "2"]
+    reference = tmp_path / "reference"
+    assert run_cli("pack", str(synth_dir), str(reference), *options).returncode == 0
+    out = tmp_path / "stopped"
+    command = [sys.executable, "-m", "aidetect.cli", "pack", str(synth_dir), str(out), *options]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*.tar"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C on a terminal: the pool's workers get it too
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 3, stderr
+    assert "every complete shard is kept" in stderr and "Traceback" not in stderr
+    with pytest.raises(ProcessLookupError):  # no worker outlived the command
+        os.killpg(process.pid, 0)
+    assert not (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) >= 3
+    resumed = run_cli("pack", str(synth_dir), str(out), *options)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s["sha256"] for s in manifest_of(out)["shards"]] == [s["sha256"] for s in manifest_of(reference)["shards"]]
+
+
 @pytest.mark.parametrize(
     ("make", "args", "message"),
     [

@@ -12,14 +12,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aidetect.errors import UserError
+from aidetect.errors import USER_ERROR_EXIT_CODE, UserError
+from aidetect.preemption import RESUME_EXIT_CODE, Stopped
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line instead of the usage block plus the error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(USER_ERROR_EXIT_CODE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except UserError as exc:
         print(f"aidetect: error: {exc}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT_CODE
+    except Stopped as stopped:
+        print(f"aidetect: stopped by a signal; {stopped}", file=sys.stderr)
+        return RESUME_EXIT_CODE
     except KeyboardInterrupt:
         print("aidetect: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -113,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("run", help="run folder")
     sync.add_argument("--list", action="store_true", help="only list the offline runs")
     sync.set_defaults(handler=run_wandb_sync)
+
+    doctor = commands.add_parser(
+        "doctor", help="check this node (or every rank of a job) before spending an allocation"
+    )
+    doctor.add_argument("--profile", help="cluster profile: the GPUs it expects, runs_dir and wandb mode")
+    doctor.add_argument("--data", help="pack folder: every shard present with the manifest's size and sha256")
+    doctor.add_argument("--out", help="run folder whose file system must have room (default: the profile's runs_dir)")
+    doctor.set_defaults(handler=run_doctor)
 
     bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
     benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
@@ -246,19 +258,17 @@ def run_pack(args: argparse.Namespace) -> int:
         f"repaired {len(manifest['repaired'])}, skipped {len(manifest['skipped'])} "
         f"(reasons in {args.out}/manifest.json)"
     )
+    if run and run.get("restored"):
+        print(f"  restored {len(run['restored'])} damaged shard(s): {', '.join(run['restored'])}")
     for split, counts in manifest["splits"].items():
         print(f"  {split:<6} {counts['total']:>7}  (real {counts['real']}, fake {counts['fake']})")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from aidetect.train import PREEMPTED_EXIT_CODE, Preempted, train
+    from aidetect.train import train
 
-    try:
-        train(config_from_args(args))
-    except Preempted as stopped:
-        print(f"aidetect: stopped with a checkpoint in {stopped}; continue with --resume auto", file=sys.stderr)
-        return PREEMPTED_EXIT_CODE
+    train(config_from_args(args))
     return 0
 
 
@@ -336,6 +346,15 @@ def run_wandb_sync(args: argparse.Namespace) -> int:
     from aidetect.cluster.report import wandb_sync
 
     return wandb_sync(Path(args.run), list_only=args.list)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from aidetect.cluster.profiles import load_profile
+    from aidetect.doctor import doctor
+
+    lines, passed = doctor(load_profile(args.profile) if args.profile else None, args.data, args.out)
+    print("\n".join(lines), flush=True)
+    return 0 if passed else 1
 
 
 def run_bench_train(args: argparse.Namespace) -> int:

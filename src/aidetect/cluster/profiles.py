@@ -83,8 +83,6 @@ def load_profile(name_or_path: str, **overrides: Any) -> Profile:
 def check(profile: Profile, path: Path) -> None:
     if profile.executor not in ("slurm", "local"):
         raise UserError(f"{path}: executor must be slurm or local, got {profile.executor!r}")
-    if profile.account is not None and (not profile.account or profile.account.startswith("SET_")):
-        raise UserError(f"{path}: set 'account' to your SLURM allocation (it is {profile.account!r}) or pass --account")
     if profile.partitions and profile.partition not in profile.partitions:
         raise UserError(
             f"{path}: partition {profile.partition!r} is not one of this cluster's: {', '.join(profile.partitions)}"
@@ -95,6 +93,15 @@ def check(profile: Profile, path: Path) -> None:
     for key in ("cpus_per_task", "time_limit_min"):
         if getattr(profile, key) < 1:
             raise UserError(f"{path}: {key} must be at least 1, got {getattr(profile, key)}")
+
+
+def require_account(profile: Profile) -> None:
+    """Before submitting (not for ``doctor``): a placeholder account would only fail in the queue."""
+    if profile.account is not None and (not profile.account or profile.account.startswith("SET_")):
+        raise UserError(
+            f"profile {profile.name}: set 'account' to your SLURM allocation (it is {profile.account!r}) "
+            "or pass --account"
+        )
 
 
 def under(folder: str | None, path: str | None) -> str | None:

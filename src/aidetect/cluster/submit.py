@@ -21,7 +21,7 @@ from typing import Any
 import submitit
 import torch
 
-from aidetect.cluster.profiles import Profile, place
+from aidetect.cluster.profiles import Profile, place, require_account
 from aidetect.config import Config, build, to_dict, validate
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
@@ -99,6 +99,7 @@ def make_executor(profile: Profile, folder: Path, nodes: int, tasks_per_node: in
 
 
 def prepare(config: Config, profile: Profile) -> Config:
+    require_account(profile)
     config = place(config, profile)
     if profile.wandb_mode and config.wandb.mode is None:
         config = replace(config, wandb=replace(config.wandb, mode=profile.wandb_mode))
