@@ -8,13 +8,24 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_slurm import ARGS, REPO, SBATCH, release, state, submit, wait_for, wait_for_line, weights
+from test_multinode import hosts_of_ranks, nodes  # noqa: F401  (nodes: skips on one node)
+from test_slurm import (
+    ARGS,
+    REPO,
+    cluster_nodes,
+    release,
+    state,
+    submit_training,
+    two_rank_run,
+    wait_for,
+    wait_for_line,
+    weights,
+)
 
 from aidetect.checkpoint import load_checkpoint
 
@@ -22,53 +33,19 @@ CLUSTER = REPO / "hpc" / "local_cluster"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
-def cluster_nodes() -> list[str]:
-    result = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True)
-    return sorted(set(result.stdout.split()))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def multi_host() -> None:
-    if len(cluster_nodes()) < 2:
-        pytest.skip("needs the multi-host test cluster: bash hpc/local_cluster/start.sh --nodes 3")
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The same training as the jobs' two ranks, uninterrupted, under torchrun on one host."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
-    command += ["aidetect.cli", "train", "--data", str(tiny_pack), "--out", str(out), *ARGS]
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+    two_rank_run(tiny_pack, out)
     return weights(out)
 
 
 def two_node_job(tiny_pack: Path, tmp_path: Path) -> tuple[str, Path, Path]:
     """A 2-node, 1-task-per-node training job, followed until it is in the middle of its second epoch."""
-    out = tmp_path / "job"
-    job = submit(
-        "--nodes=2",
-        "--ntasks-per-node=1",
-        str(SBATCH),
-        "--data",
-        str(tiny_pack),
-        "--out",
-        str(out),
-        *ARGS,
-        cwd=tmp_path,
-    )
-    log = tmp_path / f"aidetect-train-{job}.out"
+    job, out, log = submit_training(tiny_pack, tmp_path, ARGS, "--nodes=2", "--ntasks-per-node=1")
     wait_for_line(log, r"epoch 2 batch 3/")
     return job, out, log
-
-
-def hosts_of_ranks(log: Path) -> dict[int, str]:
-    """{rank: host} from the 'ranks by host: h1: 0; h2: 1' line of the training log."""
-    line = re.search(r"ranks by host: (.*)", log.read_text()).group(1)
-    return {
-        int(rank): host for part in line.split("; ") for host, ranks in [part.split(": ")] for rank in ranks.split(",")
-    }
 
 
 def finish_and_compare(job: str, out: Path, log: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -76,7 +53,7 @@ def finish_and_compare(job: str, out: Path, log: Path, reference: dict[str, torc
     assert wait_for(job, ENDED) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     assert re.search(r"\(restart [1-9]\)", text) and "resumed from" in text
-    assert len(set(hosts_of_ranks(log).values())) == 2  # the resumed run crossed hosts too
+    assert len(hosts_of_ranks(log)) == 2  # the resumed run crossed hosts too
     result = weights(out)
     assert all(torch.equal(reference[key], result[key]) for key in reference)
 
@@ -129,9 +106,10 @@ def test_a_killed_rank_ends_the_step_at_once_and_the_job_resumes(
 def test_a_lost_node_ends_the_step_the_job_waits_for_nodes_and_resumes(
     tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
 ) -> None:
-    nodes = cluster_nodes()
+    count = len(cluster_nodes())
     job, out, log = two_node_job(tiny_pack, tmp_path)
-    lost = hosts_of_ranks(log)[1]  # not the batch script's node (rank 0's): the job must outlive the loss
+    # Rank 1's node, not the batch script's (rank 0's): the job must outlive the loss.
+    lost = next(host for host, ranks in hosts_of_ranks(log).items() if 1 in ranks)
     started = time.monotonic()
     subprocess.run(["bash", str(CLUSTER / "stop.sh"), "--node", lost.removeprefix("aidetect-n")], check=True)
     try:
@@ -140,6 +118,6 @@ def test_a_lost_node_ends_the_step_the_job_waits_for_nodes_and_resumes(
         print(f"\n[figure] job requeued {waited:.1f} s after node {lost} was lost")
         assert waited < 90
     finally:  # the node comes back, as a repaired node would
-        subprocess.run(["bash", str(CLUSTER / "start.sh"), "--nodes", str(len(nodes))], check=True)
+        subprocess.run(["bash", str(CLUSTER / "start.sh"), "--nodes", str(count)], check=True)
     assert state(job) in {"PENDING", "REQUEUED"}
     finish_and_compare(job, out, log, reference)

@@ -8,12 +8,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
-from test_slurm import SBATCH, options, submit, wait_for, weights
+from test_slurm import cluster_nodes, options, submit_training, wait_for, weights
+from test_submit import submit_cli
 
 # One process at batch 8 is the reference for every run below at the same global batch of 8.
 GLOBAL_BATCH = 8
@@ -24,9 +26,7 @@ DETERMINISTIC = ("--set", "train.deterministic=true")
 def nodes() -> list[str]:
     if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
         pytest.fail("no SLURM cluster answers: start one with 'sudo bash hpc/local_cluster/start.sh --nodes 3'")
-    names = sorted(
-        set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
-    )
+    names = cluster_nodes()
     if len(names) < 2:
         pytest.skip(
             f"cross-host tests need a cluster of 2 or more nodes, this one has {len(names)} ({', '.join(names)}): "
@@ -71,20 +71,8 @@ def test_sbatch_on_two_hosts_trains_like_one_process(
     tiny_pack: Path, tmp_path: Path, nodes: list[str], reference: dict[str, torch.Tensor]
 ) -> None:
     args = options(2, GLOBAL_BATCH // 4, *DETERMINISTIC)
-    out = tmp_path / "job"
-    job = submit(
-        "--nodes=2",
-        "--ntasks-per-node=2",
-        str(SBATCH),
-        "--data",
-        str(tiny_pack),
-        "--out",
-        str(out),
-        *args,
-        cwd=tmp_path,
-    )
+    job, out, log = submit_training(tiny_pack, tmp_path, args, "--nodes=2", "--ntasks-per-node=2")
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
-    log = tmp_path / f"aidetect-train-{job}.out"
     assert "on 4 process(es), cpu" in log.read_text()
     assert_spread(hosts_of_ranks(log), nodes, ranks_per_host=2)
     assert_trained_alike(reference, weights(out))
@@ -95,8 +83,7 @@ def test_submit_train_on_two_hosts_trains_like_one_process(
 ) -> None:
     run = tmp_path / "submitted"
     args = options(2, GLOBAL_BATCH // 2, *DETERMINISTIC)
-    result = run_cli(
-        "submit",
+    result = submit_cli(
         "train",
         "--profile",
         "local",
@@ -110,7 +97,6 @@ def test_submit_train_on_two_hosts_trains_like_one_process(
         "--out",
         str(run),
         *args,
-        env=os.environ | {"WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     job = json.loads((run / "jobs.json").read_text())["jobs"][0]
@@ -118,30 +104,14 @@ def test_submit_train_on_two_hosts_trains_like_one_process(
     assert_trained_alike(reference, weights(run))
 
 
-def test_submit_cv_spreads_its_folds_over_the_nodes(tiny_pack: Path, tmp_path: Path, nodes: list[str]) -> None:
-    run = tmp_path / "cv"
-    result = run_cli(
-        "submit",
-        "cv",
-        "--profile",
-        "local",
-        "--folds",
-        "5",
-        "--wait",
-        "--data",
-        str(tiny_pack),
-        "--out",
-        str(run),
-        *options(1, 32),  # as few steps as possible: only where the folds ran matters
-        env=os.environ | {"WANDB_MODE": "offline"},
+def test_doctor_checks_every_rank_of_a_two_host_job(tiny_pack: Path) -> None:
+    command = ["srun", "--nodes=2", "--ntasks-per-node=2", sys.executable, "-m", "aidetect.cli", "doctor"]
+    result = subprocess.run(
+        [*command, "--data", str(tiny_pack)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    jobs = json.loads((run / "jobs.json").read_text())["jobs"]
-    used = {node_list(job["job_id"]) for job in jobs}
-    assert len(jobs) == 5 and used <= set(nodes) and len(used) >= 2, used
-
-
-def node_list(job_id: str) -> str:
-    """Where an array task ran, as sacct recorded it (one node each: the tasks are one-node jobs)."""
-    result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True, text=True)
-    return result.stdout.strip()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 ranks on 2 host(s), gloo" in result.stdout and result.stdout.count("ok   versions") == 1

@@ -86,6 +86,23 @@ def release(job: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
+def cluster_nodes() -> list[str]:
+    return sorted(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()))
+
+
+def sacct_field(job_id: str, field: str) -> str:
+    """One field of a job as SLURM's accounting recorded it (for an array task: that task)."""
+    result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field], capture_output=True, text=True)
+    return result.stdout.strip()
+
+
+def submit_training(pack: Path, tmp_path: Path, args: list[str], *sbatch_options: str) -> tuple[str, Path, Path]:
+    """slurm/train.sbatch on ``pack`` with ``args``: (job id, run folder, log file)."""
+    out = tmp_path / "job"
+    job = submit(*sbatch_options, str(SBATCH), "--data", str(pack), "--out", str(out), *args, cwd=tmp_path)
+    return job, out, tmp_path / f"aidetect-train-{job}.out"
+
+
 def direct_run(pack: Path, out: Path) -> None:
     """The same training without SLURM, one thread per process as the jobs' tasks (cpus-per-task=1), so
     that float sums happen in the same order and weights can be compared bit for bit."""
@@ -93,21 +110,8 @@ def direct_run(pack: Path, out: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "last.pt")["model"]
-
-
-def test_sbatch_train_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
-    direct_run(tiny_pack, tmp_path / "direct")
-    job = submit(str(SBATCH), "--data", str(tiny_pack), "--out", str(tmp_path / "job"), *ARGS, cwd=tmp_path)
-    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
-    a, b = weights(tmp_path / "direct"), weights(tmp_path / "job")
-    assert all(torch.equal(a[key], b[key]) for key in a)
-    assert (tmp_path / "job" / "test_metrics.json").is_file()
-
-
-def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pack: Path, tmp_path: Path) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+def two_rank_run(pack: Path, out: Path) -> None:
+    """The jobs' two-task training under torchrun on this host, one thread per process as theirs."""
     command = [
         sys.executable,
         "-m",
@@ -117,17 +121,32 @@ def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pa
         "-m",
         "aidetect.cli",
     ]
-    reference = subprocess.run(
-        [*command, "train", "--data", str(tiny_pack), "--out", str(tmp_path / "ref"), *ARGS],
+    result = subprocess.run(
+        [*command, "train", "--data", str(pack), "--out", str(out), *ARGS],
         capture_output=True,
         text=True,
-        env=env,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
         timeout=600,
     )
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    out = tmp_path / "job"
-    job = submit("--ntasks-per-node=2", str(SBATCH), "--data", str(tiny_pack), "--out", str(out), *ARGS, cwd=tmp_path)
-    log = tmp_path / f"aidetect-train-{job}.out"
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "last.pt")["model"]
+
+
+def test_sbatch_train_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
+    direct_run(tiny_pack, tmp_path / "direct")
+    job, _, _ = submit_training(tiny_pack, tmp_path, ARGS)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
+    a, b = weights(tmp_path / "direct"), weights(tmp_path / "job")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (tmp_path / "job" / "test_metrics.json").is_file()
+
+
+def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pack: Path, tmp_path: Path) -> None:
+    two_rank_run(tiny_pack, tmp_path / "ref")
+    job, out, log = submit_training(tiny_pack, tmp_path, ARGS, "--ntasks-per-node=2")
     wait_for_line(log, r"epoch 2 batch 3/")
     # What SLURM does 120 s before the time limit (--signal=B:USR1@120), without waiting for it:
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)

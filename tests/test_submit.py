@@ -11,7 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from test_slurm import ARGS, REPO, direct_run, options, release, state, submit, wait_for, wait_for_line, weights
+from test_slurm import (
+    ARGS,
+    REPO,
+    cluster_nodes,
+    direct_run,
+    options,
+    release,
+    sacct_field,
+    state,
+    submit,
+    wait_for,
+    wait_for_line,
+    weights,
+)
 
 FAST = options(1, 8)
 
@@ -69,6 +82,8 @@ def test_submit_cv_runs_folds_in_parallel_and_summarises(tiny_pack: Path, tmp_pa
         config = (run / f"fold{fold}" / "config.yaml").read_text()
         assert f"fold: {fold}" in config and f"job_type: fold-{fold}" in config and "group: cv" in config
     jobs = json.loads((run / "jobs.json").read_text())["jobs"]
+    used = {sacct_field(job["job_id"], "NodeList") for job in jobs}
+    assert used <= set(cluster_nodes()) and len(used) >= min(2, len(cluster_nodes())), used  # spread over nodes
     intervals = [job_interval(j["job_id"]) for j in jobs]
     overlapping = sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(intervals) for b in intervals[i + 1 :])
     assert overlapping >= 1  # two folds ran at the same time on the two CPUs
@@ -76,10 +91,7 @@ def test_submit_cv_runs_folds_in_parallel_and_summarises(tiny_pack: Path, tmp_pa
 
 
 def job_interval(job_id: str) -> tuple[datetime, datetime]:
-    line = subprocess.run(
-        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "Start,End"], capture_output=True, text=True
-    ).stdout.split()[0]
-    start, end = line.split("|")
+    start, end = sacct_field(job_id, "Start,End").split("|")
     return datetime.fromisoformat(start), datetime.fromisoformat(end)
 
 

@@ -117,12 +117,17 @@ def read_yaml(source: str) -> dict[str, Any]:
         if not bundled.is_file():
             raise UserError(f"{source}: config not found; pass a YAML file or one of {', '.join(bundled_configs())}")
         path = Path(str(bundled))
+    return read_mapping(path, "a config is a mapping of sections (data, model, optim, ...)")
+
+
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ``what`` says what it should be, in the one-line error."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config is a mapping of sections (data, model, optim, ...)")
+        raise UserError(f"{path}: {what}")
     return data
 
 

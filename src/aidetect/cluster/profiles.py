@@ -13,9 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from aidetect.config import Config, build
+from aidetect.config import Config, build, read_mapping
 from aidetect.errors import UserError
 from aidetect.preemption import DEFAULT_MAX_REQUEUES
 
@@ -64,12 +62,7 @@ def known_profiles() -> list[str]:
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:
     """A profile by name or path; ``overrides`` (account, partition, ...) win when not None."""
     path = profile_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a profile is a mapping of keys ({', '.join(f.name for f in fields(Profile))})")
+    raw = read_mapping(path, f"a profile is a mapping of keys ({', '.join(f.name for f in fields(Profile))})")
     raw.setdefault("name", path.stem)
     raw |= {key: value for key, value in overrides.items() if value is not None}
     try:
