@@ -31,8 +31,8 @@ from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
 from aidetect.metrics import compute_metrics
 from aidetect.models import build_model
+from aidetect.plots import report_plots
 from aidetect.preemption import StopRequest
-from aidetect.train import report_plots
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:

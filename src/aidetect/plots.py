@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only: compute nodes have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from aidetect.metrics import Predictions, curves
+
 
 def save(figure: plt.Figure, path: Path) -> Path:
     figure.tight_layout()
@@ -68,3 +70,11 @@ def cv_summary(summary: dict, path: Path) -> Path:
         axis.text(index, min(value + 0.03, 1.0), f"{value:.3f}", ha="center")
     axis.set(ylim=(0, 1.08), title=f"{summary['n_folds']}-fold cross-validation, test split (mean ± std)")
     return save(figure, path)
+
+
+def report_plots(predictions: Predictions, metrics: dict, out: Path, name: str) -> dict[str, Path]:
+    paths = {"confusion": confusion_matrix(metrics, out / f"{name}_confusion.png", name)}
+    if predictions.labels and len(set(predictions.labels)) == 2:
+        roc, pr = roc_pr(curves(predictions), metrics, out / f"{name}_roc.png", out / f"{name}_pr.png", name)
+        paths |= {"roc": roc, "pr": pr}
+    return paths

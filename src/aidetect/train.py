@@ -2,9 +2,9 @@
 
 Each epoch trains, then evaluates on the validation fold in eval mode with no gradients; ``best.pt``
 (by ``train.best_metric``) and ``last.pt`` are kept; after the last epoch ``best.pt`` is evaluated on
-the test split into ``test_metrics.json``. SIGTERM / SIGUSR1 (SLURM's warning before a time limit or
-preemption) make every rank stop at the same step and save ``last.pt`` with its position, and
-``--resume auto`` continues from there with the same data order, augmentation and RNG states.
+the test split into ``test_metrics.json``. A stop signal (SIGTERM, SIGINT, SIGUSR1/2: see
+``aidetect.preemption``) makes every rank stop at the same step and save ``last.pt`` with its position,
+and ``--resume auto`` continues from there with the same data order, augmentation and RNG states.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from aidetect.data.shards import build_loader, fold_splits, read_manifest
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
 from aidetect.fileio import atomic_write_json
-from aidetect.metrics import Predictions, compute_metrics, curves, is_better
+from aidetect.metrics import Predictions, compute_metrics, is_better
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
@@ -227,7 +227,7 @@ class Trainer:
         metrics = compute_metrics(predictions) | {"best_epoch": best["state"]["best"].get("epoch")}
         if self.info.is_main:
             atomic_write_json(self.out / "test_metrics.json", metrics)
-            paths = report_plots(predictions, metrics, self.out, "test")
+            paths = plots.report_plots(predictions, metrics, self.out, "test")
             self.tracker.log_evaluation("test", metrics, self.state.step, misclassified(self.config, predictions))
             self.tracker.log_plots("test", paths, self.state.step)
             self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
@@ -353,14 +353,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_e
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def report_plots(predictions: Predictions, metrics: dict, out: Path, name: str) -> dict[str, Path]:
-    paths = {"confusion": plots.confusion_matrix(metrics, out / f"{name}_confusion.png", name)}
-    if predictions.labels and len(set(predictions.labels)) == 2:
-        roc, pr = plots.roc_pr(curves(predictions), metrics, out / f"{name}_roc.png", out / f"{name}_pr.png", name)
-        paths |= {"roc": roc, "pr": pr}
-    return paths
 
 
 def misclassified(config: Config, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:
