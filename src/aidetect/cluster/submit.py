@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,25 +48,34 @@ class TrainJob(submitit.helpers.Checkpointable):
             torch.set_num_threads(int(cpus))
         try:
             return train(build(Config, config, ""))
-        except Stopped:
-            if self.requeue(environment):
+        except UserError:
+            raise  # bad input fails again: never requeued
+        except Exception as exc:
+            stopped = isinstance(exc, Stopped)
+            if not stopped:
+                traceback.print_exc()  # why this attempt failed, in the task's log
+            if self.requeue(environment, RESUME_EXIT_CODE if stopped else 1, any_rank=not stopped):
                 # The job is back in the queue and SLURM is about to end this attempt: leave at once, so that
                 # submitit records no result (it would read as a failure) and no DataLoader worker outlives us.
                 sys.stdout.flush()
+                sys.stderr.flush()
                 os._exit(0)
             raise
 
-    def requeue(self, environment: submitit.JobEnvironment) -> bool:
-        """Rank 0 puts the job back in the queue (other ranks leave that to it); False: not requeued."""
+    def requeue(self, environment: submitit.JobEnvironment, status: int, any_rank: bool) -> bool:
+        """Put the job back in the queue when the rule of ``aidetect.preemption`` says so; False: not requeued.
+        After a stop signal every rank is alive and rank 0 requeues for all; after a failure (a rank or node
+        lost) any survivor may be the one left, so each asks SLURM, which requeues a running job once."""
         job_id = os.environ.get("SLURM_JOB_ID")
         if job_id is None:
             return False  # submitit's local executor: nothing to requeue into
-        if environment.global_rank != 0:
-            return True
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        decision = requeue_decision(RESUME_EXIT_CODE, restarts, self.max_requeues)
+        decision = requeue_decision(status, restarts, self.max_requeues)
+        if not decision.requeue or (environment.global_rank != 0 and not any_rank):
+            return decision.requeue
         print(f"[aidetect] job {job_id}: {decision.reason}", flush=True)
-        return decision.requeue and subprocess.run(["scontrol", "requeue", job_id], check=False).returncode == 0
+        requeued = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, check=False).returncode == 0
+        return requeued or any_rank  # after a failure, a refusal means another survivor requeued it first
 
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
