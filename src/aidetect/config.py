@@ -64,7 +64,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     out: str = "runs/train"
-    best_metric: str = "auroc"
+    best_metric: str = "auroc"  # ties go to the lower validation loss
     log_every: int = 20  # steps between progress lines when not on a terminal
     resume: str | None = None  # "auto" (last.pt in out) or a checkpoint path
     # Longest wait of one rank for the others in a collective before it gives up. A dead rank or a lost
@@ -98,7 +98,7 @@ CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("multistep", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.best_metric": ("accuracy", "precision", "recall", "f1", "auroc", "ap", "loss"),
+    "train.best_metric": ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ap", "loss"),
     "wandb.mode": ("online", "offline", "disabled", None),
 }
 

@@ -13,7 +13,24 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from aidetect.distributed import all_gather_objects
 
-METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "auroc", "ap", "loss", "tp", "fp", "tn", "fn")
+METRIC_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "real_accuracy",
+    "fake_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "auroc",
+    "ap",
+    "loss",
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "real",
+    "fake",
+)
 
 
 @dataclass
@@ -46,9 +63,14 @@ def compute_metrics(predictions: Predictions, threshold: float = 0.5) -> dict[st
     total = max(len(labels), 1)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
+    real_accuracy = tn / (tn + fp) if tn + fp else float("nan")  # true negative rate
+    fake_accuracy = recall if tp + fn else float("nan")  # true positive rate
     both_classes = len(set(labels.tolist())) == 2
     return {
         "accuracy": (tp + tn) / total,
+        "balanced_accuracy": (real_accuracy + fake_accuracy) / 2,
+        "real_accuracy": real_accuracy,
+        "fake_accuracy": fake_accuracy,
         "precision": precision,
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
@@ -59,6 +81,8 @@ def compute_metrics(predictions: Predictions, threshold: float = 0.5) -> dict[st
         "fp": fp,
         "tn": tn,
         "fn": fn,
+        "real": tn + fp,
+        "fake": tp + fn,
         "samples": len(labels),
     }
 
@@ -70,7 +94,29 @@ def curves(predictions: Predictions) -> dict[str, np.ndarray]:
     return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
 
 
-def is_better(metric: str, value: float, best: float | None) -> bool:
+def val_threshold(predictions: Predictions) -> float:
+    """The decision threshold (fake when p >= threshold) that maximises balanced accuracy on these
+    (validation) predictions; ties go to the threshold nearest 0.5. Chosen on validation and applied to
+    test: the test split never picks it. O(n log n): every candidate is scored by binary search."""
+    probabilities = np.asarray(predictions.probabilities, dtype=np.float64)
+    labels = np.asarray(predictions.labels, dtype=np.int64)
+    fakes, reals = np.sort(probabilities[labels == 1]), np.sort(probabilities[labels == 0])
+    if not len(fakes) or not len(reals):
+        return 0.5
+    candidates = np.append(np.unique(probabilities), np.nextafter(probabilities.max(), np.inf))
+    fake_accuracy = (len(fakes) - np.searchsorted(fakes, candidates, side="left")) / len(fakes)
+    real_accuracy = np.searchsorted(reals, candidates, side="left") / len(reals)
+    balanced = (fake_accuracy + real_accuracy) / 2
+    best = np.flatnonzero(balanced == balanced.max())
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def is_better(metric: str, value: float, best: float | None, loss: float, best_loss: float | None) -> bool:
+    """Whether an epoch with ``value`` of ``metric`` (and validation ``loss``) beats the best so far. A tie
+    on the metric (e.g. AUROC 1.0 at several epochs) goes to the lower validation loss, never to the
+    earlier epoch by default."""
     if best is None or np.isnan(best):
         return not np.isnan(value)
+    if value == best:
+        return best_loss is not None and loss < best_loss
     return value < best if metric == "loss" else value > best

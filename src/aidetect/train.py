@@ -33,7 +33,7 @@ from aidetect.data.shards import build_loader, fold_splits, read_manifest
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
 from aidetect.fileio import atomic_write_json
-from aidetect.metrics import Predictions, compute_metrics, is_better
+from aidetect.metrics import Predictions, compute_metrics, is_better, val_threshold
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
@@ -196,10 +196,16 @@ class Trainer:
         }
         self.state.history.append(row)
         self.state.epoch, self.state.batch = epoch + 1, 0
-        value = metrics[config.train.best_metric]
-        improved = is_better(config.train.best_metric, value, self.state.best.get("value"))
+        value, best = metrics[config.train.best_metric], self.state.best
+        improved = is_better(config.train.best_metric, value, best.get("value"), metrics["loss"], best.get("loss"))
         if improved:
-            self.state.best = {"metric": config.train.best_metric, "value": value, "epoch": epoch + 1}
+            self.state.best = {
+                "metric": config.train.best_metric,
+                "value": value,
+                "epoch": epoch + 1,
+                "loss": metrics["loss"],
+                "threshold": val_threshold(predictions),
+            }
         if self.info.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -224,7 +230,15 @@ class Trainer:
         predictions = evaluate(
             self.model, loader, self.info.device, self.precision, self.config.model.channels_last
         ).gather()
-        metrics = compute_metrics(predictions) | {"best_epoch": best["state"]["best"].get("epoch")}
+        chosen = best["state"]["best"]
+        threshold = chosen.get("threshold", 0.5)  # checkpoints made before thresholds were chosen
+        at_threshold = compute_metrics(predictions, threshold)
+        metrics = compute_metrics(predictions) | {
+            "best_epoch": chosen["epoch"],
+            "val_threshold": threshold,
+            "accuracy_at_val_threshold": at_threshold["accuracy"],
+            "balanced_accuracy_at_val_threshold": at_threshold["balanced_accuracy"],
+        }
         if self.info.is_main:
             atomic_write_json(self.out / "test_metrics.json", metrics)
             paths = plots.report_plots(predictions, metrics, self.out, "test")
@@ -232,7 +246,9 @@ class Trainer:
             self.tracker.log_plots("test", paths, self.state.step)
             self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             self.log(
-                f"test (best epoch {metrics['best_epoch']}): accuracy {metrics['accuracy']:.4f}, "
+                f"test (best epoch {metrics['best_epoch']}): accuracy {metrics['accuracy']:.4f} "
+                f"({metrics['accuracy_at_val_threshold']:.4f} at the validation threshold "
+                f"{metrics['val_threshold']:.3f}), balanced {metrics['balanced_accuracy']:.4f}, "
                 f"auroc {metrics['auroc']:.4f}, f1 {metrics['f1']:.4f} -> {self.out / 'test_metrics.json'}"
             )
         self.tracker.finish()

@@ -1,0 +1,35 @@
+"""Metrics researchers report, computed by hand on small predictions; model selection and the threshold."""
+
+from __future__ import annotations
+
+import pytest
+
+from aidetect.metrics import Predictions, compute_metrics, is_better, val_threshold
+
+
+def test_per_class_accuracies_and_counts_by_hand() -> None:
+    # 3 reals (one called fake), 5 fakes (two called real)
+    predictions = Predictions([0.1, 0.2, 0.7, 0.9, 0.8, 0.6, 0.4, 0.3], [0, 0, 0, 1, 1, 1, 1, 1])
+    metrics = compute_metrics(predictions)
+    assert (metrics["real"], metrics["fake"]) == (3, 5)
+    assert metrics["real_accuracy"] == pytest.approx(2 / 3) and metrics["fake_accuracy"] == pytest.approx(3 / 5)
+    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 5) / 2)
+    assert metrics["accuracy"] == pytest.approx(5 / 8)  # the pooled figure hides the class imbalance
+
+
+def test_the_validation_threshold_maximises_balanced_accuracy() -> None:
+    # Every fake scores 0.3-0.45, every real below: 0.5 calls all fakes real; a lower threshold separates them.
+    predictions = Predictions([0.05, 0.1, 0.2, 0.3, 0.35, 0.45], [0, 0, 0, 1, 1, 1])
+    threshold = val_threshold(predictions)
+    assert 0.2 < threshold <= 0.3
+    assert compute_metrics(predictions, threshold)["balanced_accuracy"] == 1.0
+    assert compute_metrics(predictions)["balanced_accuracy"] == 0.5
+    assert val_threshold(Predictions([0.2, 0.9], [1, 1])) == 0.5  # one class only: nothing to choose
+
+
+def test_ties_on_the_best_metric_go_to_the_lower_validation_loss() -> None:
+    assert is_better("auroc", 1.0, None, loss=0.3, best_loss=None)
+    assert is_better("auroc", 1.0, 1.0, loss=0.1, best_loss=0.3)  # same AUROC, better calibrated: later epoch
+    assert not is_better("auroc", 1.0, 1.0, loss=0.4, best_loss=0.3)
+    assert not is_better("auroc", 0.99, 1.0, loss=0.01, best_loss=0.3)  # the metric comes first
+    assert is_better("loss", 0.2, 0.3, loss=0.2, best_loss=0.3)
