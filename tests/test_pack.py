@@ -18,7 +18,7 @@ from conftest import SHARD_SIZE, SYNTH_N, run_cli
 
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.splits import assign_splits
-from aidetect.data.synth import DEFECT_OUTCOMES
+from aidetect.data.synth import DEFECT_OUTCOMES, synth
 
 
 def manifest_of(out: Path) -> dict:
@@ -85,6 +85,37 @@ def test_splits_are_disjoint_stratified_and_independent_of_listing_order() -> No
     totals = Counter(reference.values())
     assert max(totals[f"fold{k}"] for k in range(5)) - min(totals[f"fold{k}"] for k in range(5)) <= 1
     assert assign_splits(names, seed=8, test_fraction=0.1, folds=5) != reference
+
+
+def test_sources_are_recorded_counted_and_spread_over_every_split(tmp_path: Path) -> None:
+    """The first sub-folder of a class folder is a sample's source (files directly in it: the class)."""
+    synth(tmp_path / "flat", n=96, seed=11, workers=2, min_side=64, max_side=96)
+    layout = {"fake": ["midjourney", "sd"], "real": ["wikiart", None]}
+    for class_name, sources in layout.items():
+        for index, image in enumerate(sorted((tmp_path / "flat" / class_name).iterdir())):
+            source = sources[index % 2]
+            target = tmp_path / "src" / class_name / (source or "") / image.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(image, target)
+    settings = PackSettings(mode="crop", size=32, test_fraction=0.25, folds=3, shard_size=8)
+    manifest = pack(tmp_path / "src", tmp_path / "out", settings, workers=2, progress=False)
+    by_source = {s: counts for by_class in manifest["sources"].values() for s, counts in by_class.items()}
+    assert set(manifest["sources"]["fake"]) == {"midjourney", "sd"} and set(manifest["sources"]["real"]) == {
+        "wikiart",
+        "real",
+    }
+    for counts in by_source.values():  # every source in the test split and in every fold, in proportion
+        assert counts["test"] == round(0.25 * counts["total"]) > 0
+        folds = [counts[f"fold{k}"] for k in range(3)]
+        assert min(folds) > 0 and max(folds) - min(folds) <= 1
+    samples = [
+        json.loads(s["json"])
+        for shard in sorted((tmp_path / "out").glob("*.tar"))
+        for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ]
+    seen = Counter((m["class"], m["source"]) for m in samples)
+    assert seen == Counter({(c, s): n["total"] for c, by in manifest["sources"].items() for s, n in by.items()})
+    assert all(m["source"] == m["path"].split("/")[1] or m["source"] == "real" for m in samples)
 
 
 def test_pack_is_identical_across_worker_counts_and_file_creation_order(

@@ -79,6 +79,7 @@ class SourceFile:
     relpath: str  # relative to SRC, posix separators: the identity of a sample everywhere
     class_name: str
     source_test: bool  # lies in the source's own test folder (Kaggle layout)
+    source: str  # first sub-folder under the class folder (e.g. a generator); the class name for files directly in it
 
     @property
     def key(self) -> str:
@@ -111,8 +112,10 @@ def scan_source(src: Path) -> tuple[list[SourceFile], list[dict], str]:
         elif root is None:
             skipped.append({"path": relpath, "reason": "not inside a class folder (real/ or fake/)"})
         else:
-            _, class_name, source_test = root
-            candidates.append(SourceFile(str(src / relpath), relpath, class_name, source_test))
+            root_parts, class_name, source_test = root
+            below = parts[len(root_parts) :]
+            source = below[0] if len(below) > 1 else class_name
+            candidates.append(SourceFile(str(src / relpath), relpath, class_name, source_test, source))
     if not candidates and not skipped:
         raise UserError(f"{src}: source folder holds no files; put images under {src}/real and {src}/fake")
     return candidates, skipped, layout
@@ -146,13 +149,14 @@ def walk_files(src: Path) -> Iterator[str]:
 
 
 def plan_shards(candidates: list[SourceFile], settings: PackSettings) -> list[ShardPlan]:
-    """Assign splits, then cut each split (in hash order) into shards of ``shard_size`` files."""
-    by_class: dict[str, list[str]] = {c: [] for c in CLASSES}
+    """Assign splits (stratified by class and source), then cut each split (in hash order) into shards of
+    ``shard_size`` files."""
+    by_group: dict[tuple[str, str], list[str]] = {}
     for f in candidates:
-        by_class[f.class_name].append(f.relpath)
+        by_group.setdefault((f.class_name, f.source), []).append(f.relpath)
     source_test = {f.relpath for f in candidates if f.source_test}
     assignment = assign_splits(
-        by_class,
+        by_group,
         seed=settings.seed,
         test_fraction=settings.test_fraction,
         folds=settings.folds,
@@ -187,7 +191,7 @@ def decode_and_preprocess(path: str | os.PathLike, settings: PackSettings) -> tu
 
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
     """Decode, preprocess and encode one file; never raises, returns a record with status and reason."""
-    record: dict[str, Any] = {"path": file.relpath, "key": file.key, "class": file.class_name}
+    record: dict[str, Any] = {"path": file.relpath, "key": file.key, "class": file.class_name, "source": file.source}
     try:
         decoded, pixels = decode_and_preprocess(file.path, settings)
     except UnreadableImage as exc:
@@ -381,7 +385,7 @@ def write_shard(out: Path, plan: ShardPlan, records: list[dict], settings: PackS
         "planned": [f.relpath for f in plan.files],
         "sha256": sha256_file(final),
         "bytes": final.stat().st_size,
-        "records": [{k: r[k] for k in ("path", "class", "status", "reason") if k in r} for r in records],
+        "records": [{k: r[k] for k in ("path", "class", "source", "status", "reason") if k in r} for r in records],
     }
     atomic_write_json(out / STATE_DIR / f"{plan.name}.json", sidecar)
 
@@ -394,7 +398,7 @@ def write_tar(path: Path, plan: ShardPlan, records: list[dict], settings: PackSe
         # Fixed mtime and owner make the tar byte-identical when a shard is rewritten after a resume.
         with wds.TarWriter(stream, user="aidetect", group="aidetect", mtime=0, encoder=False) as writer:
             for r in kept:
-                meta = {k: r[k] for k in ("path", "class", "original_size", "status")}
+                meta = {k: r[k] for k in ("path", "class", "source", "original_size", "status")}
                 meta |= {"label": CLASSES[r["class"]], "split": plan.split}
                 writer.write(
                     {
@@ -413,6 +417,7 @@ def build_manifest(
 ) -> dict[str, Any]:
     shards, skipped, repaired = [], list(pre_skipped), []
     splits = {s: dict.fromkeys(CLASSES, 0) for s in split_names(settings.folds)}
+    sources: dict[str, dict[str, dict[str, int]]] = {c: {} for c in CLASSES}  # class -> source -> split -> n
     for plan in plans:
         sidecar = json.loads((out / STATE_DIR / f"{plan.name}.json").read_text())
         kept = [r for r in sidecar["records"] if r["status"] != "skipped"]
@@ -421,6 +426,8 @@ def build_manifest(
                 skipped.append({"path": r["path"], "reason": r["reason"]})
             else:
                 splits[plan.split][r["class"]] += 1
+                counts = sources[r["class"]].setdefault(r["source"], dict.fromkeys(split_names(settings.folds), 0))
+                counts[plan.split] += 1
             if r["status"] == "repaired":
                 repaired.append({"path": r["path"], "reason": r["reason"]})
         shards.append(
@@ -433,7 +440,7 @@ def build_manifest(
                 "paths": [r["path"] for r in kept],
             }
         )
-    for counts in splits.values():
+    for counts in [*splits.values(), *(c for by_source in sources.values() for c in by_source.values())]:
         counts["total"] = sum(counts.values())
     return {
         "format": FORMAT,
@@ -441,6 +448,7 @@ def build_manifest(
         "samples": sum(s["count"] for s in shards),
         "files": len(pre_skipped) + sum(len(p.files) for p in plans),
         "splits": splits,
+        "sources": {c: dict(sorted(by_source.items())) for c, by_source in sources.items()},
         "shards": shards,
         "settings": asdict(settings),
         "seed": settings.seed,

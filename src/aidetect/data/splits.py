@@ -1,14 +1,17 @@
 """One seeded, stratified assignment of every sample to ``test`` or one of K folds.
 
-The order within a class is a keyed hash of (seed, relative path): it depends on neither the
-file-system listing order nor the number of workers, and adding a file never moves the others'
-relative order. Every later run, fold and model reads the same assignment from the manifest.
+Samples are stratified by group, (class, source): every source (a generator, a photo site) is in the
+test split and in every fold in proportion. The order within a group is a keyed hash of (seed,
+relative path): it depends on neither the file-system listing order nor the number of workers, and
+adding a file never moves the others' relative order. Every later run, fold and model reads the same
+assignment from the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 
 def hash_order_key(seed: int, relpath: str) -> str:
@@ -16,14 +19,15 @@ def hash_order_key(seed: int, relpath: str) -> str:
 
 
 def assign_splits(
-    paths_by_class: dict[str, Iterable[str]],
+    paths_by_group: dict[Any, Iterable[str]],
     *,
     seed: int,
     test_fraction: float,
     folds: int,
     fixed_test: set[str] | None = None,
 ) -> dict[str, str]:
-    """Map each relative path to ``"test"`` or ``"fold{k}"``, stratified by class.
+    """Map each relative path to ``"test"`` or ``"fold{k}"``, stratified by group (sortable keys such as
+    (class, source); a group's share of the test split is rounded on its own).
 
     ``fixed_test``: paths of a source's own test split (the Kaggle layout); when given, exactly those
     are ``test`` and ``test_fraction`` is not used.
@@ -31,9 +35,9 @@ def assign_splits(
     if folds < 1:
         raise ValueError("folds must be at least 1")
     assignment: dict[str, str] = {}
-    next_fold = 0  # carried across classes so that fold sizes differ by at most one overall
-    for class_name in sorted(paths_by_class):
-        ordered = sorted(paths_by_class[class_name], key=lambda p: hash_order_key(seed, p))
+    next_fold = 0  # carried across groups so that fold sizes differ by at most one overall
+    for group in sorted(paths_by_group):
+        ordered = sorted(paths_by_group[group], key=lambda p: hash_order_key(seed, p))
         if fixed_test is not None:
             test = [p for p in ordered if p in fixed_test]
             rest = [p for p in ordered if p not in fixed_test]
