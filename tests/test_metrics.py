@@ -33,3 +33,21 @@ def test_ties_on_the_best_metric_go_to_the_lower_validation_loss() -> None:
     assert not is_better("auroc", 1.0, 1.0, loss=0.4, best_loss=0.3)
     assert not is_better("auroc", 0.99, 1.0, loss=0.01, best_loss=0.3)  # the metric comes first
     assert is_better("loss", 0.2, 0.3, loss=0.2, best_loss=0.3)
+
+
+def test_per_source_breakdown_by_hand() -> None:
+    # sd: 2 fakes, both caught; mj: 2 fakes, one missed and scored below one real; photo: 3 reals, one called fake.
+    predictions = Predictions(
+        probabilities=[0.9, 0.8, 0.6, 0.15, 0.1, 0.2, 0.7],
+        labels=[1, 1, 1, 1, 0, 0, 0],
+        sources=["sd", "sd", "mj", "mj", "photo", "photo", "photo"],
+    )
+    table = compute_metrics(predictions)["per_source"]
+    assert table["sources"]["sd"] == {"n": 2, "accuracy": 1.0, "fake_accuracy": 1.0, "auroc": 1.0, "ap": 1.0}
+    mj = table["sources"]["mj"]
+    assert (mj["n"], mj["fake_accuracy"]) == (2, 0.5)
+    # mj against the 3 reals: 0.6 beats 2 of 3 reals, 0.15 beats 1 of 3 -> AUROC (2 + 1) / 6
+    assert mj["auroc"] == pytest.approx(3 / 6)
+    photo = table["sources"]["photo"]
+    assert photo == {"n": 3, "accuracy": pytest.approx(2 / 3), "real_accuracy": pytest.approx(2 / 3)}
+    assert (table["fake_accuracy_mean"], table["fake_accuracy_min"]) == (0.75, 0.5)

@@ -84,6 +84,7 @@ def test_metrics_under_two_ranks_equal_one_rank(tiny_pack: Path, tmp_path: Path)
     assert one["samples"] == two["samples"] == fold_size  # every sample once, not rank 0's share
     for key in METRIC_KEYS:
         assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    assert set(one["per_source"]["sources"]) == {"real", "fake"} and one["per_source"] == two["per_source"]
 
 
 def test_killed_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_path: Path) -> None:
@@ -200,6 +201,7 @@ def test_evaluate_and_predict_reproduce_the_test_metrics(tiny_pack: Path, tmp_pa
     evaluated = json.loads((run / "eval_test.json").read_text())
     tested = json.loads((run / "test_metrics.json").read_text())
     assert {k: evaluated[k] for k in METRIC_KEYS} == pytest.approx({k: tested[k] for k in METRIC_KEYS})
+    assert evaluated["per_source"] == tested["per_source"]  # train's and evaluate's per-source tables agree
     manifest = json.loads((tiny_pack / "manifest.json").read_text())
     raw = Path(manifest["source"]["path"])
     test_files = [raw / p for s in manifest["shards"] if s["split"] == "test" for p in s["paths"]]

@@ -125,6 +125,7 @@ def evaluate(
         predictions.probabilities += torch.sigmoid(logits).tolist()
         predictions.labels += batch.labels.long().tolist()
         predictions.keys += batch.keys
+        predictions.sources += batch.sources
     return predictions
 
 

@@ -7,6 +7,7 @@ metric of the whole split, never of rank 0's share. AUROC, AP and the curves com
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
@@ -40,6 +41,7 @@ class Predictions:
     probabilities: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     loss_sum: float = 0.0
 
     def gather(self) -> Predictions:
@@ -48,6 +50,7 @@ class Predictions:
             merged.probabilities += part.probabilities
             merged.labels += part.labels
             merged.keys += part.keys
+            merged.sources += part.sources
             merged.loss_sum += part.loss_sum
         return merged
 
@@ -84,7 +87,34 @@ def compute_metrics(predictions: Predictions, threshold: float = 0.5) -> dict[st
         "real": tn + fp,
         "fake": tp + fn,
         "samples": len(labels),
-    }
+    } | ({"per_source": per_source(predictions, threshold)} if predictions.sources else {})
+
+
+def per_source(predictions: Predictions, threshold: float = 0.5) -> dict[str, Any]:
+    """Each source's n and accuracy; for a fake source (a generator) its fake accuracy, and AUROC/AP against
+    every real sample of the split, the protocol of per-generator tables; for a real source its real
+    accuracy. Then the mean and the minimum over fake sources, where a detector's weakness shows."""
+    probabilities = np.asarray(predictions.probabilities, dtype=np.float64)
+    labels = np.asarray(predictions.labels, dtype=np.int64)
+    sources = np.asarray(predictions.sources)
+    reals = labels == 0
+    table: dict[str, dict[str, float]] = {}
+    for source in sorted(set(predictions.sources)):
+        mask = sources == source
+        correct = (probabilities[mask] >= threshold) == (labels[mask] == 1)
+        entry = {"n": int(mask.sum()), "accuracy": float(correct.mean())}
+        if np.any(labels[mask] == 1):
+            entry["fake_accuracy"] = float(correct[labels[mask] == 1].mean())
+            versus = (mask & (labels == 1)) | reals
+            if reals.any():
+                entry["auroc"] = float(roc_auc_score(labels[versus], probabilities[versus]))
+                entry["ap"] = float(average_precision_score(labels[versus], probabilities[versus]))
+        if np.any(labels[mask] == 0):
+            entry["real_accuracy"] = float(correct[labels[mask] == 0].mean())
+        table[source] = entry
+    fake = [entry["fake_accuracy"] for entry in table.values() if "fake_accuracy" in entry]
+    summary = {"fake_accuracy_mean": float(np.mean(fake)), "fake_accuracy_min": float(np.min(fake))} if fake else {}
+    return {"sources": table} | summary
 
 
 def curves(predictions: Predictions) -> dict[str, np.ndarray]:

@@ -43,6 +43,7 @@ def make_batches(batch_size: int, image_size: int, device: torch.device, count: 
             torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device),
             torch.randint(0, 2, (batch_size,), generator=generator).float().to(device),
             [str(i) for i in range(batch_size)],
+            ["synthetic"] * batch_size,
         )
         for _ in range(count)
     ]

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aidetect.data.decode import decode_stored
 from aidetect.data.integrity import ShardProblem, bytes_problem, damaged, file_problem, manifest_problems
-from aidetect.data.pack import FORMAT, MANIFEST
+from aidetect.data.pack import CLASSES, FORMAT, MANIFEST
 from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
 from aidetect.errors import UserError
 from aidetect.preemption import ignore_stop_signals
@@ -62,6 +62,7 @@ class Batch(NamedTuple):
     images: torch.Tensor  # N x 3 x H x W, float32, normalised, channels_last memory format
     labels: torch.Tensor  # N, float32, 1 = fake
     keys: list[str]
+    sources: list[str]  # each sample's source (pack's first sub-folder under the class folder)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def worker_batches(batches: list[range], worker: int, workers: int) -> list[rang
 
 
 class ShardDataset(IterableDataset):
-    """Yields (uint8 HWC image, label, key) for this rank and worker; batching is the DataLoader's."""
+    """Yields (uint8 HWC image, label, key, source) for this rank and worker; batching is the DataLoader's."""
 
     def __init__(
         self,
@@ -195,7 +196,7 @@ class ShardDataset(IterableDataset):
         batches = rank_batches(self.total, self.rank, self.world, self.batch_size, self.train, self.accumulate)
         return batches[self.start_batch :]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch = self.epoch
@@ -210,7 +211,8 @@ class ShardDataset(IterableDataset):
                     samples = shard_samples(order[index])
                     loaded[index] = [samples[i] for i in sample_permutation(order[index], self.seed, epoch, self.train)]
                 sample = loaded[index][position - starts[index]]
-                yield self.image(sample, epoch, order[index].path), int(sample["cls"]), sample["__key__"]
+                image = self.image(sample, epoch, order[index].path)
+                yield image, int(sample["cls"]), sample["__key__"], sample_source(sample)
 
     def image(self, sample: dict[str, Any], epoch: int, path: str) -> torch.Tensor:
         stored = sample.get("jpg", sample.get("png"))
@@ -222,6 +224,12 @@ class ShardDataset(IterableDataset):
             generator = torch.Generator().manual_seed(seeded("augment", self.seed, epoch, sample["__key__"]))
             return augment(image, self.crop or image.shape[0], generator)
         return center_crop_tensor(image, self.crop) if self.crop else image
+
+
+def sample_source(sample: dict[str, Any]) -> str:
+    """The source pack recorded in the sample's ``.json`` (older packs: its class name)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return meta.get("source") or next(name for name, label in CLASSES.items() if label == int(sample["cls"]))
 
 
 _verified: set[str] = set()  # shards whose sha256 this process has checked (persistent workers: once per run)
@@ -328,10 +336,11 @@ class ShardLoader:
         batches = iter(self.loader)
         if self.loader.num_workers:
             _worker_owners.add(batches)
-        for step, (images, labels, keys) in enumerate(one_line_errors(batches), start=self.dataset.start_batch):
+        start = self.dataset.start_batch
+        for step, (images, labels, keys, sources) in enumerate(one_line_errors(batches), start=start):
             images = images.to(self.device, non_blocking=True)
             noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
-            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys))
+            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys), list(sources))
 
     def noise(self, step: int, shape: torch.Size) -> torch.Tensor:
         """Noise for this rank's slice of global batch ``step``: the same however many ranks share it."""
