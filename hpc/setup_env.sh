@@ -62,4 +62,4 @@ pin=$("$venv/bin/python" -c "import importlib.metadata as m; print('torch==' + m
 echo "$pin" > "$venv/aidetect-constraints.txt"
 printf '[install]\nconstraint = %s\n' "$venv/aidetect-constraints.txt" > "$venv/pip.conf"
 "$venv/bin/python" -c "import aidetect, torch; print(f'aidetect {aidetect.__version__}, torch {torch.__version__} \
-(CUDA kernels: {\" \".join(torch.cuda.get_arch_list()) or \"none\"}) in $venv; pinned {open(\"$venv/aidetect-constraints.txt\").read().strip()}')"
+(CUDA kernels: {\" \".join(torch.cuda.get_arch_list()) or \"none\"}) in $venv; pinned $pin')"

@@ -95,13 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aidetect.preemption", description=main.__doc__)
     parser.add_argument("--exit-status", type=int, required=True, help="the exit status of the job's tasks")
     parser.add_argument(
-        "--max-requeues", type=int, default=None, help=f"default: $AIDETECT_MAX_REQUEUES or {DEFAULT_MAX_REQUEUES}"
+        "--max-requeues",
+        type=int,
+        default=int(os.environ.get("AIDETECT_MAX_REQUEUES", DEFAULT_MAX_REQUEUES)),
+        help=f"default: $AIDETECT_MAX_REQUEUES or {DEFAULT_MAX_REQUEUES}",
     )
     args = parser.parse_args(argv)
-    limit = args.max_requeues
-    if limit is None:
-        limit = int(os.environ.get("AIDETECT_MAX_REQUEUES", DEFAULT_MAX_REQUEUES))
-    decision = requeue_decision(args.exit_status, int(os.environ.get("SLURM_RESTART_COUNT", "0")), limit)
+    decision = requeue_decision(args.exit_status, int(os.environ.get("SLURM_RESTART_COUNT", "0")), args.max_requeues)
     print(decision.reason)
     return 0 if decision.requeue else 1
 
