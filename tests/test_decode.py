@@ -3,12 +3,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
 from aidetect.data.decode import UnreadableImage, decode_image
-from aidetect.data.synth import encode_jpeg, png_with_claimed_size, render
+from aidetect.data.synth import encode_jpeg, encode_png, png_with_claimed_size, render
 
 
 @pytest.fixture()
@@ -106,3 +107,42 @@ def _tiny_png() -> bytes:
 def test_unreadable_files_raise_with_a_reason(tmp_path: Path, data: bytes, reason: str) -> None:
     with pytest.raises(UnreadableImage, match=reason):
         decode_image(write(tmp_path / "x.jpg", data))
+
+
+@pytest.mark.parametrize("quality", [30, 75, 90, 97])
+def test_file_facts_read_jpeg_quality_subsampling_and_exif_from_the_file(
+    tmp_path: Path, scene: np.ndarray, quality: int
+) -> None:
+    exif = Image.Exif()
+    exif[0x0110] = "camera model"
+    pillow = write(tmp_path / "pillow.jpg", encode_jpeg(scene, quality, subsampling=1, exif=exif))
+    _, opencv = cv2.imencode(".jpg", scene[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    opencv = write(tmp_path / "opencv.jpg", opencv.tobytes())
+    assert decode_image(pillow).file == {
+        "format": "JPEG",
+        "bytes": pillow.stat().st_size,
+        "width": 640,
+        "height": 480,
+        "jpeg_quality": quality,
+        "subsampling": "4:2:2",
+        "exif": True,
+        "mode": "RGB",
+        "bits": 8,
+    }
+    facts = decode_image(opencv).file  # another encoder, the same standard tables
+    assert (facts["jpeg_quality"], facts["subsampling"], facts["exif"]) == (quality, "4:2:0", False)
+
+
+def test_file_facts_of_other_formats_have_no_jpeg_settings(tmp_path: Path, scene: np.ndarray) -> None:
+    rgba = np.dstack([scene, np.full(scene.shape[:2], 200, np.uint8)])
+    png = write(tmp_path / "a.png", encode_png(rgba))
+    deep = write(tmp_path / "deep.png", encode_png(Image.fromarray(scene[:, :, 0].astype(np.uint16) * 257)))
+    facts = decode_image(png).file
+    assert (facts["format"], facts["mode"], facts["bits"], facts["jpeg_quality"], facts["subsampling"]) == (
+        "PNG",
+        "RGBA",
+        8,
+        None,
+        None,
+    )
+    assert decode_image(deep).file["bits"] == 16

@@ -10,15 +10,21 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from conftest import SHARD_SIZE, SYNTH_N, run_cli
+from PIL import Image
 
+from aidetect.data.decode import decode_stored
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.splits import assign_splits
 from aidetect.data.synth import DEFECT_OUTCOMES, synth
+from aidetect.errors import UserError
+from aidetect.inference import load_for_prediction
 
 
 def manifest_of(out: Path) -> dict:
@@ -116,6 +122,43 @@ def test_sources_are_recorded_counted_and_spread_over_every_split(tmp_path: Path
     seen = Counter((m["class"], m["source"]) for m in samples)
     assert seen == Counter({(c, s): n["total"] for c, by in manifest["sources"].items() for s, n in by.items()})
     assert all(m["source"] == m["path"].split("/")[1] or m["source"] == "real" for m in samples)
+
+
+def test_each_sample_records_what_its_file_says_and_its_padding(synth_dir: Path, packed_dir: Path) -> None:
+    shards = sorted(packed_dir.glob("*.tar"))
+    samples = [json.loads(s["json"]) for shard in shards for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    for meta in samples:
+        facts, path = meta["file"], synth_dir / meta["path"]
+        with Image.open(path) as image:
+            assert (facts["format"], facts["width"], facts["height"], facts["mode"]) == (
+                image.format,
+                *image.size,
+                image.mode,
+            )
+        assert facts["bytes"] == path.stat().st_size
+        assert (facts["jpeg_quality"] is None) == (facts["format"] != "JPEG")
+        long, short = max(facts["width"], facts["height"]), min(facts["width"], facts["height"])
+        assert facts["padding"] == pytest.approx(1 - round(short * 256 / long) / 256)  # resize mode: bars
+    assert {m["file"]["format"] for m in samples} >= {"JPEG", "PNG", "GIF"}
+
+
+def test_parity_reencodes_both_classes_and_predict_sees_the_same_pixels(synth_dir: Path, tmp_path: Path) -> None:
+    plain, parity = (PackSettings(mode="crop", size=96, shard_size=64, parity=p) for p in ("none", "jpeg:60"))
+    stored = {}
+    for settings in (plain, parity):
+        pack(synth_dir, tmp_path / settings.parity, settings, workers=2, progress=False)
+        for shard in sorted((tmp_path / settings.parity).glob("*.tar")):
+            for sample in wds.WebDataset(str(shard), shardshuffle=False):
+                stored[(settings.parity, json.loads(sample["json"])["path"])] = sample["jpg"]
+    assert manifest_of(tmp_path / "jpeg:60")["settings"]["parity"] == "jpeg:60"
+    paths = sorted({path for _, path in stored})
+    changed = [path for path in paths if stored[("none", path)] != stored[("jpeg:60", path)]]
+    assert changed == paths  # every image of both classes went through the parity codec
+    for path in ("real/img_000000.jpg", "fake/img_000001.jpg"):
+        pixels = load_for_prediction(synth_dir / path, asdict(parity) | {"crop": None}).numpy()
+        assert np.array_equal(pixels, decode_stored(stored[("jpeg:60", path)]))
+    with pytest.raises(UserError, match="--parity jpeg:101"):
+        PackSettings(parity="jpeg:101").validate()
 
 
 def test_pack_is_identical_across_worker_counts_and_file_creation_order(

@@ -182,12 +182,14 @@ def test_outputs_plots_and_offline_wandb_without_secrets(tiny_pack: Path, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(set(METRIC_KEYS) <= r["val"].keys() for r in rows)
-    for name in ("curves.png", "test_confusion.png", "test_roc.png", "test_pr.png", "config.yaml", "best.pt"):
+    plots = ("curves.png", "test_confusion.png", "test_roc.png", "test_pr.png", "test_per_source.png")
+    for name in (*plots, "config.yaml", "best.pt"):
         assert (out / name).stat().st_size > 0, name
+    assert "shortcut audit: a metadata-only baseline reaches" in result.stdout and "WARNING" not in result.stdout
     records = list(out.glob("wandb/offline-run-*/run-*.wandb"))  # what `wandb sync` uploads later
     assert len(records) == 1
     logged = records[0].read_bytes()  # protobuf records: keys are stored as plain UTF-8
-    for key in ("test/accuracy", "test/auroc", "test/misclassified", "val/accuracy", "val/confusion", "train/loss"):
+    for key in ("test/accuracy", "test/misclassified", "val/confusion", "train/loss", "audit/metadata_auroc"):
         assert key.encode() in logged, key
     leaked = [p for p in out.rglob("*") if p.is_file() and b"secret-key-0123" in p.read_bytes()]
     assert not leaked
@@ -220,6 +222,12 @@ def test_evaluate_and_predict_reproduce_the_test_metrics(tiny_pack: Path, tmp_pa
     assert rows[-1]["error"] == "empty file (0 bytes)" and rows[-1]["prob_fake"] == ""
     correct = [(r["label"] == "fake") == ("/fake/" in r["path"]) for r in rows[:-1]]
     assert sum(correct) / len(correct) == pytest.approx(tested["accuracy"])  # the same preprocessing as training
+    by_source: dict[str, list[bool]] = {}  # by hand: this pack's files lie straight in their class folder
+    for row, ok in zip(rows[:-1], correct, strict=True):
+        by_source.setdefault(Path(row["path"]).parent.name, []).append(ok)
+    assert {s: (len(v), pytest.approx(sum(v) / len(v))) for s, v in by_source.items()} == {
+        s: (e["n"], e["accuracy"]) for s, e in tested["per_source"]["sources"].items()
+    }
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--defects", action="store_true", help="add the broken files scraped datasets hold")
     synth.add_argument("--min-side", type=int, default=320, help="shortest image side in px (default 320)")
     synth.add_argument("--max-side", type=int, default=2048, help="longest image side in px (default 2048)")
+    synth.add_argument(
+        "--sources",
+        type=int,
+        default=1,
+        help="fake sources fake/gen1..genN, each its own upsampler; N >= 2 also splits reals into "
+        "real/photo and real/art (default 1: files straight in real/ and fake/)",
+    )
+    synth.add_argument(
+        "--shortcuts",
+        action="store_true",
+        help="classes differ in file metadata as in some Kaggle sets: fakes PNG at 3 square sizes, "
+        "reals JPEG of varied sizes, some with EXIF (default: both classes alike)",
+    )
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.set_defaults(handler=run_synth)
 
@@ -61,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_pack_options(pack)
     pack.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     pack.set_defaults(handler=run_pack)
+
+    audit = commands.add_parser("audit", help="can file metadata alone tell fake from real? (shortcut check)")
+    audit.add_argument("shards", help="pack folder")
+    audit.add_argument("--out", default=None, help="folder for audit.json and audit.png (default: the pack folder)")
+    audit.set_defaults(handler=run_audit)
 
     train = commands.add_parser("train", help="train a detector (1 process, torchrun or srun)")
     add_config_options(train)
@@ -86,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="synthetic data -> pack -> train -> test metrics, minutes on a CPU")
     demo.add_argument("--out", default="demo", help="folder for data, shards and the run (default demo)")
     demo.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
+    demo.add_argument("--sources", type=int, default=1, help="fake sources, as for synth (default 1)")
     demo.add_argument("--workers", type=int, default=None)
     demo.set_defaults(handler=run_demo)
 
@@ -168,6 +187,12 @@ def add_pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, default=250_000_000, help="pixel budget of one decoded image")
     parser.add_argument("--min-side", type=int, default=32, help="skip images with a shorter side")
     parser.add_argument("--on-truncated", default="repair", help="repair (inpaint the missing part) or skip")
+    parser.add_argument(
+        "--parity",
+        default="none",
+        help="jpeg:Q re-encodes every image of both classes as JPEG at quality Q before preprocessing, so codec "
+        "and quality cannot carry the label (default none)",
+    )
 
 
 CONFIG_FLAGS = {
@@ -222,6 +247,7 @@ def pack_settings(args: argparse.Namespace):
         max_pixels=args.max_pixels,
         min_side=args.min_side,
         on_truncated=args.on_truncated,
+        parity=args.parity,
     )
 
 
@@ -242,6 +268,8 @@ def run_synth(args: argparse.Namespace) -> int:
         workers=check_workers(args.workers),
         min_side=args.min_side,
         max_side=args.max_side,
+        sources=args.sources,
+        shortcuts=args.shortcuts,
     )
     print(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} under {args.out}")
     return 0
@@ -262,6 +290,15 @@ def run_pack(args: argparse.Namespace) -> int:
         print(f"  restored {len(run['restored'])} damaged shard(s): {', '.join(run['restored'])}")
     for split, counts in manifest["splits"].items():
         print(f"  {split:<6} {counts['total']:>7}  (real {counts['real']}, fake {counts['fake']})")
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from aidetect.audit import format_report, write_audit
+
+    report, path = write_audit(args.shards, args.out)
+    print(format_report(report))
+    print(f"details in {path} and {path.with_suffix('.png')}")
     return 0
 
 
@@ -291,7 +328,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from aidetect.demo import demo
 
-    demo(args.out, n=args.n, workers=check_workers(args.workers))
+    demo(args.out, n=args.n, workers=check_workers(args.workers), sources=args.sources)
     return 0
 
 

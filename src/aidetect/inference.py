@@ -11,6 +11,7 @@ import csv
 import io
 import os
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def evaluate(
     checkpoint = load_checkpoint(checkpoint_path)
     manifest = read_manifest(data)
     packed, trained = manifest["settings"], checkpoint["preprocess"]
-    mismatched = [k for k in ("mode", "size", "codec") if packed[k] != trained[k]]
+    defaults = asdict(PackSettings())  # what packs made before a setting existed did
+    mismatched = [k for k in ("mode", "size", "codec", "parity") if (defaults | packed)[k] != (defaults | trained)[k]]
     if mismatched:
         raise UserError(f"{data}: packed with other {', '.join(mismatched)} than the checkpoint was trained on")
     info = setup_distributed(TrainConfig.dist_timeout_s)

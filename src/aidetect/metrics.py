@@ -33,6 +33,15 @@ METRIC_KEYS = (
     "fake",
 )
 
+# per-source metric -> column title in format_per_source
+PER_SOURCE_COLUMNS = {
+    "n": "n",
+    "accuracy": "accuracy",
+    "fake_accuracy": "fake acc",
+    "real_accuracy": "real acc",
+    "auroc": "AUROC",
+}
+
 
 @dataclass
 class Predictions:
@@ -150,3 +159,25 @@ def is_better(metric: str, value: float, best: float | None, loss: float, best_l
     if value == best:
         return best_loss is not None and loss < best_loss
     return value < best if metric == "loss" else value > best
+
+
+def format_per_source(per_source: dict[str, Any]) -> str:
+    """A metrics dict's ``per_source`` as an aligned text table: one line per source (n, accuracy, and its
+    fake or real accuracy and AUROC where it has them, "-" where not), then the mean and minimum fake
+    accuracy over fake sources where there are any."""
+    table = per_source["sources"]
+    name_width = max(len("source"), *map(len, table))
+    lines = [f"{'source':<{name_width}}" + "".join(f"{title:>10}" for title in PER_SOURCE_COLUMNS.values())]
+    for name, entry in table.items():
+        cells = (format_cell(entry.get(key)) for key in PER_SOURCE_COLUMNS)
+        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>10}" for cell in cells))
+    if "fake_accuracy_mean" in per_source:
+        lines.append(
+            f"fake accuracy over fake sources: mean {per_source['fake_accuracy_mean']:.4f}, "
+            f"min {per_source['fake_accuracy_min']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def format_cell(value: float | None) -> str:
+    return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"

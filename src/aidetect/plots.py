@@ -1,4 +1,4 @@
-"""PNG plots a person reads: training curves, confusion matrix, ROC and precision-recall curves."""
+"""PNG plots a person reads: training curves, confusion matrix, ROC and precision-recall curves, per-source bars."""
 
 from __future__ import annotations
 
@@ -72,9 +72,68 @@ def cv_summary(summary: dict, path: Path) -> Path:
     return save(figure, path)
 
 
+SOURCE_BARS = {
+    "fake_accuracy": ("fake accuracy", "#c44e52"),
+    "auroc": ("AUROC", "#dd8452"),
+    "real_accuracy": ("real accuracy", "#4c72b0"),
+}
+
+
+def per_source(table: dict, path: Path, title: str, errors: dict[str, dict[str, float]] | None = None) -> Path:
+    """Bars of a per-source table (``compute_metrics(...)["per_source"]``): per source, its fake accuracy and
+    AUROC (a fake source) and/or its real accuracy (a real source), the source labelled with its n; a dashed
+    line at ``fake_accuracy_mean`` when the table has it. ``errors`` (source -> key -> std), when given, draws
+    error bars (the cross-validation summary)."""
+    sources = table["sources"]
+    width = 0.8 / len(SOURCE_BARS)
+    figure, axis = plt.subplots(figsize=(min(max(7, 0.6 * len(sources) + 2), 15), 4.8))
+    for key, (label, color) in SOURCE_BARS.items():
+        x, heights, yerr = [], [], []
+        for index, (name, entry) in enumerate(sources.items()):
+            shown = [k for k in SOURCE_BARS if k in entry]
+            if key in shown:
+                x.append(index + (shown.index(key) - (len(shown) - 1) / 2) * width)
+                heights.append(entry[key])
+                yerr.append(errors[name][key] if errors else 0.0)
+        if x:  # an empty bar call would still add a legend entry
+            axis.bar(x, heights, width, yerr=yerr if errors else None, capsize=3, color=color, label=label)
+    if "fake_accuracy_mean" in table:
+        mean = table["fake_accuracy_mean"]
+        axis.axhline(mean, linestyle="--", color="grey", label=f"mean fake accuracy {mean:.3f}")
+    labels = [f"{name}\nn={entry['n']:,.0f}" for name, entry in sources.items()]
+    tilt = len(sources) > 6  # long rows of names overlap unless tilted
+    axis.set_xticks(range(len(sources)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+    axis.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title=f"{title}: per source")
+    axis.legend(loc="upper center", ncol=4, fontsize="small")
+    return save(figure, path)
+
+
+EXPOSURE_COLOURS = {"reaches": "#c44e52", "neutralised": "#8c8c8c", "hidden": "#4c72b0", "content": "#dd8452"}
+
+
+def audit(report: dict, path: Path, warn_auroc: float) -> Path:
+    """The shortcut audit: test AUROC of each metadata-only baseline (all features on top), coloured by
+    whether the feature still reaches the model, with chance and the warning level marked."""
+    ranked = sorted(report["features"].items(), key=lambda item: item[1]["auroc"])
+    names = [name for name, _ in ranked] + ["joint baseline"]
+    values = [feature["auroc"] for _, feature in ranked] + [report["metadata_auroc"]]
+    colours = [EXPOSURE_COLOURS[feature["exposure"]] for _, feature in ranked] + ["black"]
+    figure, axis = plt.subplots(figsize=(7, 0.32 * len(names) + 1.6))
+    axis.barh(names, values, color=colours)
+    axis.axvline(0.5, linestyle="--", color="grey")
+    axis.axvline(warn_auroc, linestyle=":", color="#c44e52")
+    for exposure, colour in EXPOSURE_COLOURS.items():
+        axis.barh([names[0]], [0], color=colour, label=exposure)  # legend entries only
+    axis.set(xlim=(0, 1), xlabel="test AUROC from file metadata alone (0.5: chance)", title="Shortcut audit")
+    axis.legend(loc="lower right", fontsize="small")
+    return save(figure, path)
+
+
 def report_plots(predictions: Predictions, metrics: dict, out: Path, name: str) -> dict[str, Path]:
     paths = {"confusion": confusion_matrix(metrics, out / f"{name}_confusion.png", name)}
     if predictions.labels and len(set(predictions.labels)) == 2:
         roc, pr = roc_pr(curves(predictions), metrics, out / f"{name}_roc.png", out / f"{name}_pr.png", name)
         paths |= {"roc": roc, "pr": pr}
+    if "per_source" in metrics:
+        paths["per_source"] = per_source(metrics["per_source"], out / f"{name}_per_source.png", name)
     return paths

@@ -27,13 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from aidetect import plots
+from aidetect.audit import audit
 from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, save_config, to_dict, validate
 from aidetect.data.shards import build_loader, fold_splits, read_manifest
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
+from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
-from aidetect.metrics import Predictions, compute_metrics, is_better, val_threshold
+from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
@@ -157,6 +159,8 @@ class Trainer:
             f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
         )
         self.log(f"ranks by host: {ranks_by_host(all_gather_objects(socket.gethostname()))}")
+        if self.info.is_main:
+            self.audit_shortcuts()
         for epoch in range(self.state.epoch, config.train.epochs):
             start_batch = self.state.batch
             self.loaders["train"].set_epoch(epoch, start_batch)
@@ -173,6 +177,22 @@ class Trainer:
                 raise Stopped(f"{self.out / 'last.pt'} holds its position; continue with --resume auto")
             self.end_epoch(epoch, result)
         return self.test()
+
+    def audit_shortcuts(self) -> None:
+        """The shortcut audit's verdict on this pack (metadata only, seconds), in the log and in wandb."""
+        shards = self.config.data.shards
+        try:
+            report = audit(shards)
+        except UserError as exc:
+            self.log(f"shortcut audit skipped: {exc}")
+            return
+        self.log(
+            f"shortcut audit: a metadata-only baseline reaches test AUROC {report['metadata_auroc']:.3f} "
+            f"(details: aidetect audit {shards})"
+        )
+        if report["warning"]:
+            self.log(f"WARNING: {report['warning']}")
+        self.tracker.summary({"audit/metadata_auroc": report["metadata_auroc"], "audit/warning": report["warning"]})
 
     def should_stop(self, index: int) -> bool:
         """Agreed across ranks every ``log_every`` batches: a signal is acted on within that many steps."""
@@ -251,6 +271,8 @@ class Trainer:
                 f"{metrics['val_threshold']:.3f}), balanced {metrics['balanced_accuracy']:.4f}, "
                 f"auroc {metrics['auroc']:.4f}, f1 {metrics['f1']:.4f} -> {self.out / 'test_metrics.json'}"
             )
+            for line in format_per_source(metrics["per_source"]).splitlines() if "per_source" in metrics else ():
+                self.log(line)
         self.tracker.finish()
         return metrics
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,29 +21,86 @@ from aidetect.fileio import atomic_write_json
 from aidetect.metrics import METRIC_KEYS
 from aidetect.tracking import Tracker
 
+THRESHOLD_KEYS = ("val_threshold", "accuracy_at_val_threshold", "balanced_accuracy_at_val_threshold")
+
 
 def cv_report(run: Path) -> dict[str, Any]:
-    """``RUN/cv_summary.json``: each fold's test metrics, and mean and standard deviation of every key."""
+    """``RUN/cv_summary.json``: ``folds`` (each fold's test metrics), ``mean`` and ``std`` of every key of
+    ``METRIC_KEYS`` and of the validation-threshold keys that every fold has, and ``per_source`` (see
+    ``per_source_summary``) when a fold has a per-source table; plots ``cv_summary.png`` and
+    ``cv_per_source.png``, and logs all of it to wandb."""
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("fold*/test_metrics.json"))}
     if not results:
         raise UserError(f"{run}: no fold*/test_metrics.json yet; are the folds finished? (aidetect status {run})")
     expected = load_jobs(run).get("folds") if (run / "jobs.json").exists() else None
     missing = [f"fold{k}" for k in range(expected or 0) if f"fold{k}" not in results]
-    values = {key: np.array([r[key] for r in results.values()], dtype=float) for key in METRIC_KEYS}
-    summary = {
-        "n_folds": len(results),
-        "missing": missing,
-        "mean": {key: float(v.mean()) for key, v in values.items()},
-        "std": {key: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for key, v in values.items()},
-        "folds": results,
-    }
+    rows = list(results.values())
+    keys = [key for key in METRIC_KEYS + THRESHOLD_KEYS if all(key in row for row in rows)]  # older runs lack some
+    summary = {"n_folds": len(results), "missing": missing} | mean_std(rows, keys) | {"folds": results}
+    tables = [row["per_source"] for row in rows if "per_source" in row]  # older runs have none
+    if tables:
+        summary["per_source"] = per_source_summary(tables)
     atomic_write_json(run / "cv_summary.json", summary)
-    plot = plots.cv_summary(summary, run / "cv_summary.png")
-    log_to_wandb(run, summary, plot)
+    paths = {"summary": plots.cv_summary(summary, run / "cv_summary.png")}
+    if tables:
+        paths["per_source"] = per_source_plot(summary["per_source"], run / "cv_per_source.png")
+    log_to_wandb(run, summary, paths)
     return summary
 
 
-def log_to_wandb(run: Path, summary: dict[str, Any], plot: Path) -> None:
+def mean_std(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, dict[str, float]]:
+    """``{"mean": {key: ...}, "std": {key: ...}}`` of each key over the rows that have it (keys no row has
+    are left out); the standard deviation is the sample one (ddof=1), 0.0 from a single value."""
+    values = {
+        key: np.array([row[key] for row in rows if key in row], dtype=float)
+        for key in keys
+        if any(key in row for row in rows)
+    }
+    return {
+        "mean": {key: float(v.mean()) for key, v in values.items()},
+        "std": {key: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for key, v in values.items()},
+    }
+
+
+def per_source_summary(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    """Folds' per-source tables (``compute_metrics(...)["per_source"]``) across folds::
+
+        {"n_folds": folds with a table,
+         "sources": {source: {"folds": folds it appears in, "mean": {key: ...}, "std": {key: ...}}},
+         "mean": {"fake_accuracy_mean": ..., "fake_accuracy_min": ...}, "std": {...}}
+
+    where a source's keys are every key of its entries (n, accuracy, fake_accuracy, auroc, ap,
+    real_accuracy), each over the folds whose entry has it; mean and std as in ``mean_std``."""
+    names = sorted({name for table in tables for name in table["sources"]})
+    sources = {}
+    for name in names:
+        entries = [table["sources"][name] for table in tables if name in table["sources"]]
+        sources[name] = {"folds": len(entries)} | mean_std(entries, dict.fromkeys(k for e in entries for k in e))
+    overall = mean_std(tables, ("fake_accuracy_mean", "fake_accuracy_min"))
+    return {"n_folds": len(tables), "sources": sources} | overall
+
+
+def per_source_plot(table: dict[str, Any], path: Path) -> Path:
+    """``plots.per_source`` of a ``per_source_summary``: the means as bars, the standard deviations as errors."""
+    means = {"sources": {name: entry["mean"] for name, entry in table["sources"].items()}} | table["mean"]
+    errors = {name: entry["std"] for name, entry in table["sources"].items()}
+    title = f"{table['n_folds']}-fold cross-validation (mean ± std), test split"
+    return plots.per_source(means, path, title, errors)
+
+
+def wandb_values(summary: dict[str, Any]) -> dict[str, float]:
+    """What ``cv_report`` puts in the wandb summary: ``cv/{mean,std}/KEY``, and with a per-source table
+    ``cv/per_source/SOURCE/KEY/{mean,std}`` and ``cv/per_source/fake_accuracy_{mean,min}/{mean,std}``."""
+    values = {f"cv/{stat}/{key}": value for stat in ("mean", "std") for key, value in summary[stat].items()}
+    table = summary.get("per_source")
+    if table:
+        parts = {"cv/per_source": table} | {f"cv/per_source/{n}": e for n, e in table["sources"].items()}
+        for prefix, part in parts.items():
+            values |= {f"{prefix}/{key}/{stat}": v for stat in ("mean", "std") for key, v in part[stat].items()}
+    return values
+
+
+def log_to_wandb(run: Path, summary: dict[str, Any], paths: dict[str, Path]) -> None:
     first = sorted(run.glob("fold*/config.yaml"))
     if not first:
         return
@@ -50,8 +108,8 @@ def log_to_wandb(run: Path, summary: dict[str, Any], plot: Path) -> None:
     group = config.wandb.group or run.name
     config = replace(config, wandb=replace(config.wandb, job_type="cv-summary", name=f"{group}-summary"))
     tracker = Tracker(config, run, None, enabled=True)
-    tracker.summary({f"cv/{stat}/{key}": value for stat in ("mean", "std") for key, value in summary[stat].items()})
-    tracker.log_plots("cv", {"summary": plot}, 0)
+    tracker.summary(wandb_values(summary))
+    tracker.log_plots("cv", paths, 0)
     tracker.finish()
 
 

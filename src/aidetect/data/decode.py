@@ -14,10 +14,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from aidetect.data.fileinfo import file_facts
 
 # Our own pixel budget replaces PIL's decompression-bomb check (see check_pixel_budget).
 Image.MAX_IMAGE_PIXELS = None
@@ -33,8 +36,13 @@ class UnreadableImage(Exception):
 @dataclass
 class DecodedImage:
     pixels: np.ndarray  # H x W x 3, uint8, RGB, EXIF orientation applied
-    original_size: tuple[int, int]  # (width, height) as stored in the file
+    file: dict[str, Any]  # what the file says about itself (aidetect.data.fileinfo.file_facts)
     repair: str | None = None  # what was done to a truncated file, for the manifest (None = intact)
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(width, height) as stored in the file."""
+        return self.file["width"], self.file["height"]
 
 
 def decode_image(
@@ -56,15 +64,16 @@ def decode_image(
         raise UnreadableImage(f"cannot open: {first_line(exc)}") from None
     with image:
         width, height = image.size
+        facts = file_facts(image, path)
         if min(width, height) < min_side:
             raise UnreadableImage(f"too small: {width}x{height} px, shorter side under {min_side} px")
         scale = reduced_decode_scale(image, long_side, max_pixels)
         if scale > 1:
             image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
         if load_intact(image, repair_truncated):
-            return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), (width, height))
+            return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), facts)
     pixels, repair = repair_truncated_jpeg(Path(path).read_bytes(), scale)
-    return DecodedImage(pixels, (width, height), repair=repair)
+    return DecodedImage(pixels, facts, repair=repair)
 
 
 def first_line(exc: BaseException) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, decode_image, first_line
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
-from aidetect.data.transforms import PREPROCESS_MODES, preprocess
+from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preprocess
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
@@ -39,6 +39,7 @@ from aidetect.preemption import Stopped, StopRequest
 
 CLASSES = {"real": 0, "fake": 1}  # positive class = AI-generated
 MANIFEST = "manifest.json"
+AUDIT_FILES = ("audit.json", "audit.png")  # what ``aidetect audit`` writes beside the shards
 STATE_DIR = ".pack-state"
 FORMAT = "aidetect-shards/1"
 
@@ -56,8 +57,10 @@ class PackSettings:
     max_pixels: int = 250_000_000
     min_side: int = 32
     on_truncated: str = "repair"
+    parity: str = "none"  # "jpeg:Q": every source image through one codec and quality (see apply_parity)
 
     def validate(self) -> None:
+        parity_quality(self.parity)
         checks = [
             (self.mode in PREPROCESS_MODES, f"--mode must be one of {', '.join(PREPROCESS_MODES)}"),
             (self.codec in ("jpeg", "png"), "--codec must be jpeg or png"),
@@ -186,7 +189,31 @@ def decode_and_preprocess(path: str | os.PathLike, settings: PackSettings) -> tu
         max_pixels=settings.max_pixels,
         repair_truncated=settings.on_truncated == "repair",
     )
-    return decoded, preprocess(decoded.pixels, settings.mode, settings.size)
+    pixels = apply_parity(decoded.pixels, settings.parity)
+    return decoded, preprocess(pixels, settings.mode, settings.size)
+
+
+def parity_quality(parity: str) -> int | None:
+    """The JPEG quality of a ``--parity`` value ("jpeg:Q"), None for "none"; ``UserError`` otherwise."""
+    if parity == "none":
+        return None
+    codec, _, quality = parity.partition(":")
+    if codec != "jpeg" or not quality.isdigit() or not 1 <= int(quality) <= 100:
+        raise UserError(f"--parity {parity}: expected none or jpeg:Q with a quality Q from 1 to 100, e.g. jpeg:95")
+    return int(quality)
+
+
+def apply_parity(pixels: np.ndarray, parity: str) -> np.ndarray:
+    """Decoded pixels re-encoded as JPEG at the parity quality (libjpeg's default 4:2:0 chroma, as most
+    cameras and web images) and decoded again, so that both classes carry the same codec's traces and
+    the original codec and quality can no longer tell them apart (Dual-Data-Alignment's protocol)."""
+    quality = parity_quality(parity)
+    if quality is None:
+        return pixels
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
@@ -200,7 +227,8 @@ def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
         return record | {"status": "skipped", "reason": first_line(exc)}
     except Exception as exc:  # a library failing on a malformed file must not end the run
         return record | {"status": "skipped", "reason": f"cannot decode: {type(exc).__name__}: {first_line(exc)}"}
-    record["original_size"] = list(decoded.original_size)
+    height, width = decoded.pixels.shape[:2]
+    record["file"] = decoded.file | {"padding": padding_fraction(height, width, settings.mode, settings.size)}
     record["data"] = encode(pixels, settings.codec, settings.quality)
     if decoded.repair:
         return record | {"status": "repaired", "reason": decoded.repair}
@@ -339,7 +367,7 @@ def check_out_dir(src: Path, out: Path, settings: PackSettings) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose a new output folder")
-    ours = {MANIFEST, STATE_DIR}
+    ours = {MANIFEST, STATE_DIR, *AUDIT_FILES}
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith((".tar", ".tar.tmp")))
     has_state = (out / STATE_DIR).is_dir() or (out / MANIFEST).is_file()
     if foreign or (any(out.glob("*.tar")) and not has_state):
@@ -355,10 +383,13 @@ def check_out_dir(src: Path, out: Path, settings: PackSettings) -> None:
 
 
 def recorded_settings(out: Path) -> dict | None:
+    """The settings ``out`` was packed with, completed with the defaults of settings added since."""
     if (out / MANIFEST).is_file():
-        return json.loads((out / MANIFEST).read_text())["settings"]
-    sidecar = next((out / STATE_DIR).glob("*.json"), None) if (out / STATE_DIR).is_dir() else None
-    return json.loads(sidecar.read_text())["settings"] if sidecar else None
+        recorded = json.loads((out / MANIFEST).read_text())["settings"]
+    else:
+        sidecar = next((out / STATE_DIR).glob("*.json"), None) if (out / STATE_DIR).is_dir() else None
+        recorded = json.loads(sidecar.read_text())["settings"] if sidecar else None
+    return asdict(PackSettings(**recorded)) if recorded is not None else None
 
 
 def shard_is_complete(out: Path, plan: ShardPlan, settings: PackSettings) -> bool:
@@ -398,7 +429,7 @@ def write_tar(path: Path, plan: ShardPlan, records: list[dict], settings: PackSe
         # Fixed mtime and owner make the tar byte-identical when a shard is rewritten after a resume.
         with wds.TarWriter(stream, user="aidetect", group="aidetect", mtime=0, encoder=False) as writer:
             for r in kept:
-                meta = {k: r[k] for k in ("path", "class", "source", "original_size", "status")}
+                meta = {k: r[k] for k in ("path", "class", "source", "file", "status")}
                 meta |= {"label": CLASSES[r["class"]], "split": plan.split}
                 writer.write(
                     {

@@ -286,6 +286,36 @@ def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]
         yield sample
 
 
+def sample_records(shard_dir: str | Path) -> list[dict[str, Any]]:
+    """Every sample's ``.json`` record (path, class, source, split, file facts), read from the shards
+    without their image bytes: member headers are read and image members skipped by seeking, so a pack
+    of any size is described in about a second."""
+    records = []
+    for entry in read_manifest(shard_dir)["shards"]:
+        path = str(Path(shard_dir) / entry["name"])
+        with open(path, "rb") as f:
+            offset = 0
+            while (header := f.read(512)) and any(header):
+                _, extension, size = member_header(path, memoryview(header), offset)
+                padded = -(-size // 512) * 512
+                if extension == "json":
+                    records.append(json_member(path, f.read(size), offset))
+                    f.seek(padded - size, 1)
+                else:
+                    f.seek(padded, 1)
+                offset += 512 + padded
+            if len(header) < 512:
+                raise unreadable_tar(path, offset, "no end-of-archive marker")
+    return records
+
+
+def json_member(path: str, data: bytes, offset: int) -> dict[str, Any]:
+    try:
+        return json.loads(data)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        raise unreadable_tar(path, offset, "a sample record that is not JSON") from None
+
+
 def member_header(path: str, header: memoryview, offset: int) -> tuple[str, str, int]:
     """Key, extension and size of the member whose header is ``header``; ``UserError`` when it is no
     header of a file member named KEY.EXTENSION, as our shards hold."""

@@ -34,12 +34,25 @@ def pad_square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     shortcut a model can learn instead of generator traces; ``crop`` mode avoids that.
     """
     height, width = pixels.shape[:2]
-    side = max(height, width)
-    new_h, new_w = max(1, round(height * size / side)), max(1, round(width * size / side))
-    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    new_h, new_w = resized_shape(height, width, size)
+    interpolation = cv2.INTER_AREA if max(height, width) > size else cv2.INTER_CUBIC
     resized = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     return cv2.copyMakeBorder(resized, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0)
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of an image once its longer side is scaled to ``size``."""
+    side = max(height, width)
+    return max(1, round(height * size / side)), max(1, round(width * size / side))
+
+
+def padding_fraction(height: int, width: int, mode: str, size: int) -> float:
+    """The share of the stored size x size image that ``preprocess`` fills with padding (0 for crop)."""
+    if mode != "resize":
+        return 0.0
+    new_h, new_w = resized_shape(height, width, size)
+    return 1 - new_h * new_w / (size * size)
 
 
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
