@@ -26,7 +26,8 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from aidetect import plots
-from aidetect.data.pack import AUDIT_FILES, CLASSES, parity_quality
+from aidetect.data.pack import parity_quality
+from aidetect.data.packformat import AUDIT_FILES, CLASSES
 from aidetect.data.shards import read_manifest, sample_records
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json

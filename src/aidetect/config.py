@@ -28,6 +28,15 @@ class DataConfig:
     batch_size: int = 32  # per process
     workers: int = 4  # DataLoader workers per process
     noise_std: float = 0.0  # Gaussian noise on [0, 1] images, training only
+    # Training augmentation on the stored image, before the crop (aidetect.data.degrade.Augmentation):
+    # CNNDetection's blur + JPEG recipe. Seeded per sample: resume and world-size invariance stay exact.
+    blur_prob: float = 0.0  # probability of a Gaussian blur ...
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 3.0])  # ... of sigma uniform in [lo, hi] px
+    jpeg_prob: float = 0.0  # probability of JPEG re-compression ...
+    jpeg_quality: list[int] = field(default_factory=lambda: [30, 100])  # ... at a quality uniform in [lo, hi]
+    # Leave-one-source-out: train and validate without this fake source; test on the real test samples
+    # and every sample of this source (from all splits: none of it was trained on).
+    holdout_source: str | None = None
 
 
 @dataclass
@@ -211,12 +220,23 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"config key {key} must be positive, got {value}")
+    check_augmentation(config.data)
     if not config.data.shards:
         raise UserError("config key data.shards is not set; pass --data PACK_DIR (made by aidetect pack)")
     if not (Path(config.data.shards) / "manifest.json").is_file():
         raise UserError(
             f"data.shards {config.data.shards}: no manifest.json there; run 'aidetect pack SRC {config.data.shards}'"
         )
+
+
+def check_augmentation(data: DataConfig) -> None:
+    ranges = {"data.blur_sigma": (data.blur_sigma, 0, float("inf")), "data.jpeg_quality": (data.jpeg_quality, 1, 100)}
+    for key, (bounds, low, high) in ranges.items():
+        if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
+            raise UserError(f"config key {key} must be [lo, hi] with {low} <= lo <= hi <= {high}, got {bounds}")
+    for key, value in {"data.blur_prob": data.blur_prob, "data.jpeg_prob": data.jpeg_prob}.items():
+        if not 0 <= value <= 1:
+            raise UserError(f"config key {key} must be a probability in [0, 1], got {value}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

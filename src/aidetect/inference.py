@@ -23,7 +23,7 @@ from aidetect.checkpoint import load_checkpoint
 from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored, first_line
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
-from aidetect.data.shards import build_loader, read_manifest
+from aidetect.data.shards import build_loader, holdout_keep, read_manifest
 from aidetect.data.transforms import center_crop, normalize_batch
 from aidetect.distributed import cleanup_distributed, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
@@ -58,14 +58,19 @@ def evaluate(
     info = setup_distributed(TrainConfig.dist_timeout_s)
     try:
         model = model_from_checkpoint(checkpoint, info.device)
+        holdout = checkpoint["config"]["data"].get("holdout_source")
+        splits, keep = [split], None
+        if holdout and split == "test":  # the test the run was trained for: real test samples + the held-out source
+            splits, keep = list(manifest["splits"]), holdout_keep(holdout, test=True)
         loader = build_loader(
             data,
-            [split],
+            splits,
             batch_size=batch_size,
             train=False,
             crop=trained["crop"],
             num_workers=workers,
             device=info.device,
+            keep=keep,
         )
         precision = resolve_precision(checkpoint["config"]["train"]["precision"], info.device)
         with StopRequest() as stop:

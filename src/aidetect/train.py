@@ -29,8 +29,9 @@ from tqdm import tqdm
 from aidetect import plots
 from aidetect.audit import audit
 from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from aidetect.config import Config, save_config, to_dict, validate
-from aidetect.data.shards import build_loader, fold_splits, read_manifest
+from aidetect.config import Config, DataConfig, save_config, to_dict, validate
+from aidetect.data.degrade import Augmentation
+from aidetect.data.shards import build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
 from aidetect.errors import UserError
@@ -69,6 +70,8 @@ class Trainer:
         self.config, self.info, self.stop = config, info, stop
         self.out = Path(config.train.out)
         self.manifest = read_manifest(config.data.shards)
+        if config.data.holdout_source:
+            check_holdout(config.data.shards, config.data.holdout_source)
         self.image_size = config.data.crop or self.manifest["settings"]["size"]
         self.precision = resolve_precision(config.train.precision, info.device)
         seed_everything(config.train.seed + info.rank, config.train.deterministic)
@@ -91,8 +94,12 @@ class Trainer:
         folds = self.manifest["settings"]["folds"]
         fold = self.config.data.fold
         if fold is None:  # train on every fold; fold 0 still reports validation figures
-            return {"train": [f"fold{k}" for k in range(folds)], "val": ["fold0"], "test": ["test"]}
-        return fold_splits(folds, fold)
+            splits = {"train": [f"fold{k}" for k in range(folds)], "val": ["fold0"], "test": ["test"]}
+        else:
+            splits = fold_splits(folds, fold)
+        if self.config.data.holdout_source:  # the held-out source's samples in the folds are test samples too
+            splits["test"] = list(self.manifest["splits"])
+        return splits
 
     def make_loader(self, split: str):
         data, train = self.config.data, split == "train"
@@ -109,6 +116,8 @@ class Trainer:
             device=self.info.device,
             noise_std=data.noise_std if train else 0.0,
             accumulate=self.config.optim.accumulate if train else 1,
+            keep=holdout_keep(data.holdout_source, split == "test") if data.holdout_source else None,
+            degrade=augmentation(data) if train else None,
         )
 
     def resume(self) -> dict[str, Any]:
@@ -345,6 +354,12 @@ def ranks_by_host(hostnames: list[str]) -> str:
     for rank, host in enumerate(hostnames):
         hosts.setdefault(host, []).append(rank)
     return "; ".join(f"{host}: {','.join(map(str, ranks))}" for host, ranks in hosts.items())
+
+
+def augmentation(data: DataConfig) -> Augmentation | None:
+    """The configured training augmentation, or None when it is off."""
+    chosen = Augmentation(data.blur_prob, tuple(data.blur_sigma), data.jpeg_prob, tuple(data.jpeg_quality))
+    return chosen if chosen.enabled else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

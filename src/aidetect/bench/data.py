@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from aidetect.data.decode import decode_stored, reduced_decode_scale
-from aidetect.data.pack import MANIFEST, PackSettings, pack, scan_source
+from aidetect.data.pack import PackSettings, pack, scan_source
+from aidetect.data.packformat import MANIFEST
 from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, select_shards
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap

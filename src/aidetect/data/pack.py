@@ -29,7 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, decode_image, first_line
+from aidetect.data.degrade import jpeg
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
+from aidetect.data.packformat import AUDIT_FILES, CLASSES, FORMAT, MANIFEST
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preprocess
 from aidetect.errors import UserError
@@ -37,11 +39,7 @@ from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
 from aidetect.preemption import Stopped, StopRequest
 
-CLASSES = {"real": 0, "fake": 1}  # positive class = AI-generated
-MANIFEST = "manifest.json"
-AUDIT_FILES = ("audit.json", "audit.png")  # what ``aidetect audit`` writes beside the shards
 STATE_DIR = ".pack-state"
-FORMAT = "aidetect-shards/1"
 
 
 @dataclass(frozen=True)
@@ -204,16 +202,11 @@ def parity_quality(parity: str) -> int | None:
 
 
 def apply_parity(pixels: np.ndarray, parity: str) -> np.ndarray:
-    """Decoded pixels re-encoded as JPEG at the parity quality (libjpeg's default 4:2:0 chroma, as most
-    cameras and web images) and decoded again, so that both classes carry the same codec's traces and
-    the original codec and quality can no longer tell them apart (Dual-Data-Alignment's protocol)."""
+    """Decoded pixels through the parity codec (``aidetect.data.degrade.jpeg``), so that both classes carry
+    the same codec's traces and the original codec and quality can no longer tell them apart
+    (Dual-Data-Alignment's protocol)."""
     quality = parity_quality(parity)
-    if quality is None:
-        return pixels
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    with Image.open(buffer) as image:
-        return np.asarray(image.convert("RGB"))
+    return pixels if quality is None else jpeg(pixels, quality)
 
 
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:

@@ -33,18 +33,19 @@ import json
 import random
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aidetect.data.decode import decode_stored
 from aidetect.data.integrity import ShardProblem, bytes_problem, damaged, file_problem, manifest_problems
-from aidetect.data.pack import CLASSES, FORMAT, MANIFEST
+from aidetect.data.packformat import CLASSES, FORMAT, MANIFEST
 from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
 from aidetect.errors import UserError
 from aidetect.preemption import ignore_stop_signals
@@ -53,9 +54,15 @@ from aidetect.preemption import ignore_stop_signals
 @dataclass(frozen=True)
 class Shard:
     path: str
-    count: int
+    stored: int  # samples in the file, as the manifest records
     bytes: int  # size and sha256 as the manifest records them
     sha256: str
+    keep: tuple[int, ...] | None = None  # the samples selected (indices in file order); None: all
+
+    @property
+    def count(self) -> int:
+        """Samples this shard contributes."""
+        return self.stored if self.keep is None else len(self.keep)
 
 
 class Batch(NamedTuple):
@@ -93,7 +100,28 @@ def fold_splits(folds: int, val_fold: int) -> dict[str, list[str]]:
     }
 
 
-def select_shards(shard_dir: str | Path, splits: list[str]) -> list[Shard]:
+def holdout_keep(source: str, test: bool) -> Callable[[dict[str, Any]], bool]:
+    """Leave-one-source-out selection (a ``keep`` predicate): training and validation keep every sample but
+    fake source ``source``'s; the test keeps the real samples of the test split and every fake sample of
+    ``source``, from all splits (none of it was trained on)."""
+    if test:
+        return lambda r: r["source"] == source if r["class"] == "fake" else r["split"] == "test"
+    return lambda r: r["class"] != "fake" or r["source"] != source
+
+
+def check_holdout(shard_dir: str | Path, source: str) -> None:
+    """``UserError`` unless ``source`` is a fake source of the pack."""
+    fakes = read_manifest(shard_dir).get("sources", {}).get("fake", {})  # packs made before sources: none
+    if source not in fakes:
+        listed = ", ".join(fakes) or "none recorded (pack again to record sources)"
+        raise UserError(f"holdout source {source!r} is no fake source of {shard_dir}; its fake sources: {listed}")
+
+
+def select_shards(
+    shard_dir: str | Path, splits: list[str], keep: Callable[[dict[str, Any]], bool] | None = None
+) -> list[Shard]:
+    """The shards of ``splits`` (each checked by size against the manifest); with ``keep``, a predicate on
+    a sample's ``.json`` record, only the samples it accepts (shards left empty are dropped)."""
     manifest = read_manifest(shard_dir)
     unknown = sorted(set(splits) - set(manifest["splits"]))
     if unknown:
@@ -106,7 +134,9 @@ def select_shards(shard_dir: str | Path, splits: list[str]) -> list[Shard]:
             if problem:
                 raise problem.error()
             shards.append(Shard(str(path), entry["count"], entry["bytes"], entry["sha256"]))
-    return shards
+    if keep is not None:
+        shards = [replace(s, keep=tuple(i for i, r in enumerate(shard_records(s.path)) if keep(r))) for s in shards]
+    return [s for s in shards if s.count]
 
 
 def verify_shards(shard_dir: str | Path, workers: int = 4) -> list[ShardProblem]:
@@ -176,8 +206,10 @@ class ShardDataset(IterableDataset):
         rank: int,
         world: int,
         accumulate: int = 1,
+        degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         self.shards, self.batch_size, self.train, self.crop = shards, batch_size, train, crop
+        self.degrade = degrade
         self.seed, self.rank, self.world, self.accumulate = seed, rank, world, accumulate
         self.total = sum(s.count for s in shards)
         # (epoch, first batch) in shared memory: persistent DataLoader workers hold copies of this object.
@@ -219,7 +251,9 @@ class ShardDataset(IterableDataset):
         pixels = decode_stored(stored) if stored else None
         if pixels is None:
             raise damaged(path, f"sample {sample['__key__']} holds no decodable image").error()
-        image = torch.from_numpy(pixels)
+        if self.degrade is not None:  # on the stored image, before the crop; seeded per sample like augment
+            pixels = self.degrade(pixels, np.random.default_rng(seeded("degrade", self.seed, epoch, sample["__key__"])))
+        image = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.train:
             generator = torch.Generator().manual_seed(seeded("augment", self.seed, epoch, sample["__key__"]))
             return augment(image, self.crop or image.shape[0], generator)
@@ -249,11 +283,11 @@ def read_shard(shard: Shard) -> bytes:
 
 
 def shard_samples(shard: Shard) -> list[dict[str, Any]]:
-    """All samples of a checked shard, as many as the manifest records."""
+    """The selected samples of a checked shard, which holds as many as the manifest records."""
     samples = list(tar_samples(shard.path, read_shard(shard)))
-    if len(samples) != shard.count:
-        raise damaged(shard.path, f"{len(samples)} samples where the manifest records {shard.count}").error()
-    return samples
+    if len(samples) != shard.stored:
+        raise damaged(shard.path, f"{len(samples)} samples where the manifest records {shard.stored}").error()
+    return samples if shard.keep is None else [samples[i] for i in shard.keep]
 
 
 def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]]:
@@ -287,25 +321,29 @@ def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]
 
 
 def sample_records(shard_dir: str | Path) -> list[dict[str, Any]]:
-    """Every sample's ``.json`` record (path, class, source, split, file facts), read from the shards
-    without their image bytes: member headers are read and image members skipped by seeking, so a pack
-    of any size is described in about a second."""
+    """Every sample's ``.json`` record (path, class, source, split, file facts) in the pack, in shard order."""
+    entries = read_manifest(shard_dir)["shards"]
+    return [r for entry in entries for r in shard_records(str(Path(shard_dir) / entry["name"]))]
+
+
+def shard_records(path: str) -> list[dict[str, Any]]:
+    """The ``.json`` records of one shard's samples, in file order, read without the image bytes: member
+    headers are read and image members skipped by seeking, so a pack of any size is described in about
+    a second."""
     records = []
-    for entry in read_manifest(shard_dir)["shards"]:
-        path = str(Path(shard_dir) / entry["name"])
-        with open(path, "rb") as f:
-            offset = 0
-            while (header := f.read(512)) and any(header):
-                _, extension, size = member_header(path, memoryview(header), offset)
-                padded = -(-size // 512) * 512
-                if extension == "json":
-                    records.append(json_member(path, f.read(size), offset))
-                    f.seek(padded - size, 1)
-                else:
-                    f.seek(padded, 1)
-                offset += 512 + padded
-            if len(header) < 512:
-                raise unreadable_tar(path, offset, "no end-of-archive marker")
+    with open(path, "rb") as f:
+        offset = 0
+        while (header := f.read(512)) and any(header):
+            _, extension, size = member_header(path, memoryview(header), offset)
+            padded = -(-size // 512) * 512
+            if extension == "json":
+                records.append(json_member(path, f.read(size), offset))
+                f.seek(padded - size, 1)
+            else:
+                f.seek(padded, 1)
+            offset += 512 + padded
+        if len(header) < 512:
+            raise unreadable_tar(path, offset, "no end-of-archive marker")
     return records
 
 
@@ -423,12 +461,19 @@ def build_loader(
     device: str | torch.device = "cpu",
     noise_std: float = 0.0,
     accumulate: int = 1,
+    keep: Callable[[dict[str, Any]], bool] | None = None,
+    degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> ShardLoader:
-    """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised."""
+    """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised.
+
+    ``keep``: a predicate on each sample's ``.json`` record selecting the samples used (e.g. all but one
+    source). ``degrade(pixels, rng)``: applied in the workers to each decoded stored image before the crop,
+    with a generator seeded by (seed, epoch, sample key), so its draws depend on nothing else
+    (``aidetect.data.degrade``: training augmentation, evaluation perturbations)."""
     if rank is None or world is None:
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    shards = select_shards(shard_dir, splits)
+    shards = select_shards(shard_dir, splits, keep)
     total = sum(s.count for s in shards)
     if train and total < world * batch_size * accumulate:
         raise UserError(
@@ -444,5 +489,6 @@ def build_loader(
         rank=rank,
         world=world,
         accumulate=accumulate,
+        degrade=degrade,
     )
     return ShardLoader(dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std)
