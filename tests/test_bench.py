@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 
 KEYS = (
@@ -10,6 +11,7 @@ KEYS = (
     "pack_decode_floor_img_per_s",
     "load_img_per_s",
     "load_decode_floor_img_per_s",
+    "load_aug_img_per_s",
     "naive_img_per_s",
 )
 
@@ -23,8 +25,11 @@ def test_bench_data_measures_every_stage_and_writes_json(synth_dir: Path, tmp_pa
         figures = json.loads((tmp_path / f"bench{run}.json").read_text())
         assert all(figures[key] > 0 for key in KEYS)
         assert figures["load_vs_naive"] == figures["load_img_per_s"] / figures["naive_img_per_s"]
+        added_s = 1 / figures["load_aug_img_per_s"] - 1 / figures["load_img_per_s"]
+        assert figures["aug_cost_ms_per_img"] == pytest.approx(1000 * 2 * added_s)  # 2 workers
         assert figures["workers"] == 2 and figures["machine"]["cores"] >= 1
         assert "load / naive" in result.stdout and "floor img/s" in result.stdout
+        assert "ms per image per worker" in result.stdout
     assert (tmp_path / "shards" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench0.json", "bench1.json", "shards"]
 

@@ -12,6 +12,7 @@ import torch
 import webdataset as wds
 
 from aidetect.data import build_loader, fold_splits, read_manifest
+from aidetect.data.degrade import Augmentation
 from aidetect.data.shards import rank_batches, worker_batches
 from aidetect.errors import UserError
 
@@ -89,16 +90,24 @@ def test_two_ranks_under_torchrun(packed_dir: Path, tmp_path: Path, workers: int
 
 def test_single_process_loader_is_seeded_and_never_noises_evaluation(packed_dir: Path) -> None:
     splits = fold_splits(5, 1)
+    blur_and_jpeg = Augmentation(blur_prob=0.5, blur_sigma=(0.0, 3.0), jpeg_prob=0.5, jpeg_quality=(30, 100))
 
-    def epoch_batches(seed: int, epoch: int, workers: int = 2) -> tuple[list[str], torch.Tensor]:
-        loader = build_loader(packed_dir, splits["train"], batch_size=4, train=True, num_workers=workers, seed=seed)
+    def epoch_batches(
+        seed: int, epoch: int, workers: int = 2, degrade: Augmentation | None = blur_and_jpeg
+    ) -> tuple[list[str], torch.Tensor]:
+        loader = build_loader(
+            packed_dir, splits["train"], batch_size=4, train=True, num_workers=workers, seed=seed, degrade=degrade
+        )
         loader.set_epoch(epoch)
         batches = list(loader)
         return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
 
     keys, images = epoch_batches(0, 1)
-    same_keys, same_images = epoch_batches(0, 1, workers=3)  # any number of workers: the same batches
-    assert keys == same_keys and torch.equal(images, same_images)  # augmentation included
+    for workers in (0, 3):  # any number of workers (none: in this process): the same batches
+        same_keys, same_images = epoch_batches(0, 1, workers)
+        assert keys == same_keys and torch.equal(images, same_images)  # crop, flip, blur and JPEG included
+    plain_keys, plain_images = epoch_batches(0, 1, degrade=None)
+    assert plain_keys == keys and not torch.equal(plain_images, images)  # it changes the images, not the order
     assert keys != epoch_batches(0, 2)[0]
     assert keys != epoch_batches(5, 1)[0]
 

@@ -90,15 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="pack folder")
     evaluate.add_argument("--split", default="test", help="test (default), fold0, ...")
     evaluate.add_argument(
-        "--out", default=None, help="folder for eval_SPLIT.json and plots (default: the checkpoint's)"
+        "--out", default=None, help="folder for eval_SPLIT.json, robustness.json and plots (default: the checkpoint's)"
     )
     evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument(
+        "--perturb",
+        nargs="+",
+        metavar="KIND[:S,..]",
+        help="robustness sweep of both classes on the stored images: none, jpeg:Q,.. (quality), blur:SIGMA,.. "
+        "(px), downscale:F,.. (factor < 1), e.g. jpeg:95,75,50,30 blur:1,2,3 downscale:0.5,0.25; after the "
+        "clean evaluation, one per strength -> robustness.json, robustness.png",
+    )
     evaluate.set_defaults(handler=run_evaluate)
 
     predict = commands.add_parser("predict", help="probability that raw images are AI-generated, as CSV")
     predict.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
     predict.add_argument("paths", nargs="+", help="image files or folders")
     predict.add_argument("--csv", default="predictions.csv", help="output CSV (default predictions.csv)")
+    predict.add_argument(
+        "--perturb",
+        metavar="KIND:S",
+        help="degrade each file before preprocessing: one of jpeg:Q, blur:SIGMA, downscale:F (e.g. jpeg:50)",
+    )
     predict.set_defaults(handler=run_predict)
 
     demo = commands.add_parser("demo", help="synthetic data -> pack -> train -> test metrics, minutes on a CPU")
@@ -122,12 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
         job.add_argument("--time", type=int, help="time limit in minutes (jobs requeue themselves before it)")
         job.add_argument("--wait", action="store_true", help="block until the jobs end; non-zero exit if any failed")
         if kind == "cv":
-            job.add_argument("--folds", type=int, default=5, help="folds to run (the pack's fold count at most)")
+            job.add_argument(
+                "--by",
+                choices=("fold", "source"),
+                default="fold",
+                help="fold: one job per fold (default); source: leave-one-source-out, one job per fake source "
+                "of the pack, trained without it and tested on it (RUN/holdout-SOURCE)",
+            )
+            job.add_argument("--folds", type=int, help="folds to run, --by fold only (default 5; the pack's at most)")
         add_config_options(job)
         job.set_defaults(handler=run_submit)
 
-    report = commands.add_parser("cv-report", help="cv_summary.json and plot from a cross-validation run")
-    report.add_argument("run", help="the cv run folder (holding fold0/, fold1/, ...)")
+    report = commands.add_parser(
+        "cv-report", help="cv_summary.json and plots from a cross-validation or leave-one-source-out run"
+    )
+    report.add_argument("run", help="the cv run folder (holding fold0/, fold1/, ... or holdout-SOURCE/, ...)")
     report.set_defaults(handler=run_cv_report)
     status = commands.add_parser("status", help="state and progress of a submitted run or cross-validation")
     status.add_argument("run", help="run folder")
@@ -205,6 +227,7 @@ CONFIG_FLAGS = {
     "out": "train.out",
     "fold": "data.fold",
     "pretrained": "model.pretrained",
+    "holdout_source": "data.holdout_source",
 }
 
 
@@ -220,6 +243,11 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="train.out: the run folder")
     parser.add_argument("--fold", type=int, help="data.fold: the validation fold")
     parser.add_argument("--pretrained", help="model.pretrained: a local weights file (nothing is downloaded)")
+    parser.add_argument(
+        "--holdout-source",
+        help="data.holdout_source: train and validate without this fake source; test on the real test samples "
+        "and all of its samples",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -310,17 +338,27 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from aidetect.inference import evaluate
+    from aidetect.data.degrade import parse_perturbations
+    from aidetect.inference import evaluate, format_robustness
 
-    metrics = evaluate(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size)
+    perturbations = parse_perturbations(args.perturb or [])  # a bad value fails before any checkpoint is read
+    metrics, report = evaluate(
+        args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size, perturbations=perturbations
+    )
     print(json.dumps(metrics, indent=1))
+    if report:
+        print(format_robustness(report))
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from aidetect.data.degrade import parse_perturbations
     from aidetect.inference import predict
 
-    counts = predict(args.checkpoint, args.paths, args.csv)
+    perturbations = parse_perturbations([args.perturb]) if args.perturb else [None]
+    if len(perturbations) != 1:
+        raise UserError(f"--perturb {args.perturb}: predict takes one perturbation, e.g. jpeg:50")
+    counts = predict(args.checkpoint, args.paths, args.csv, perturb=perturbations[0])
     print(f"wrote {counts['files']} rows to {args.csv} ({counts['errors']} unreadable, see its error column)")
     return 0
 
@@ -334,7 +372,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     from aidetect.cluster.profiles import load_profile
-    from aidetect.cluster.submit import submit_cv, submit_train, wait
+    from aidetect.cluster.submit import submit_cv, submit_holdout, submit_train, wait
 
     profile = load_profile(
         args.profile,
@@ -346,21 +384,21 @@ def run_submit(args: argparse.Namespace) -> int:
     )
     tasks = args.tasks_per_node or max(profile.gpus_per_node, 1)
     config = config_from_args(args)
-    if args.job == "cv":
-        jobs = submit_cv(config, profile, args.folds, args.nodes, tasks)
-    else:
+    if args.job == "train":
         jobs = submit_train(config, profile, args.nodes, tasks)
+    elif args.by == "source":
+        if args.folds is not None:
+            raise UserError("--folds applies to --by fold; --by source runs one job per fake source of the pack")
+        jobs = submit_holdout(config, profile, args.nodes, tasks)
+    else:
+        jobs = submit_cv(config, profile, 5 if args.folds is None else args.folds, args.nodes, tasks)
     if not args.wait:
         return 0
     ok = wait(jobs)
     if args.job == "cv" and ok:
-        from aidetect.cluster.report import cv_report
+        from aidetect.cluster.report import cv_report, headline
 
-        summary = cv_report(Path(config.train.out))
-        print(
-            f"[aidetect] cv: accuracy {summary['mean']['accuracy']:.4f} ± {summary['std']['accuracy']:.4f}, "
-            f"auroc {summary['mean']['auroc']:.4f} ± {summary['std']['auroc']:.4f}"
-        )
+        print(f"[aidetect] cv: {headline(cv_report(Path(config.train.out)))}")
     return 0 if ok else 1
 
 
@@ -368,7 +406,8 @@ def run_cv_report(args: argparse.Namespace) -> int:
     from aidetect.cluster.report import cv_report
 
     summary = cv_report(Path(args.run))
-    print(json.dumps({k: summary[k] for k in ("n_folds", "missing", "mean", "std")}, indent=1))
+    shown = ("n_sources", "missing", "holdout") if "holdout" in summary else ("n_folds", "missing", "mean", "std")
+    print(json.dumps({k: summary[k] for k in shown}, indent=1))
     return 0
 
 

@@ -3,6 +3,10 @@
 Both rebuild the model and the preprocessing from the checkpoint alone: ``predict`` decodes and
 preprocesses raw files exactly as ``pack`` did for training (the settings travel in the checkpoint),
 then centre-crops and normalises as the evaluation loader does.
+
+Robustness (``--perturb``): one fixed degradation (``aidetect.data.degrade.Perturbation``) of both
+classes alike, deterministic; ``evaluate`` applies it to the stored images, ``predict`` to each raw file
+before preprocessing.
 """
 
 from __future__ import annotations
@@ -10,8 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from aidetect import plots
 from aidetect.checkpoint import load_checkpoint
-from aidetect.config import TrainConfig
+from aidetect.config import Config, TrainConfig, build
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored, first_line
+from aidetect.data.degrade import Perturbation
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.shards import build_loader, holdout_keep, read_manifest
 from aidetect.data.transforms import center_crop, normalize_batch
@@ -30,10 +36,10 @@ from aidetect.engine import evaluate as evaluate_split
 from aidetect.engine import resolve_precision
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
-from aidetect.metrics import compute_metrics
+from aidetect.metrics import Predictions, compute_metrics
 from aidetect.models import build_model
-from aidetect.plots import report_plots
 from aidetect.preemption import StopRequest
+from aidetect.tracking import Tracker
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
@@ -45,46 +51,175 @@ def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> n
 
 
 def evaluate(
-    checkpoint_path: str, data: str, split: str = "test", out: str | None = None, batch_size: int = 64, workers: int = 2
-) -> dict[str, Any]:
-    """Metrics (and plots) of a checkpoint on one split; runs as one process or under torchrun."""
+    checkpoint_path: str,
+    data: str,
+    split: str = "test",
+    out: str | None = None,
+    batch_size: int = 64,
+    workers: int = 2,
+    perturbations: Sequence[Perturbation] = (),
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Metrics of a checkpoint on one split, as one process or under torchrun; returns (the clean metrics,
+    the robustness report or None without ``perturbations``) on every rank.
+
+    Rank 0 writes OUT/eval_SPLIT.json and its plots (the clean evaluation), and with ``perturbations``
+    OUT/robustness.json (``robustness_report``) and robustness.png, and logs them to wandb. The clean
+    evaluation runs first, then one per perturbation (one given twice runs once), each through a loader
+    of the same settings. Nothing is written until every evaluation is done: a stop signal leaves no
+    partial result.
+    """
     checkpoint = load_checkpoint(checkpoint_path)
-    manifest = read_manifest(data)
-    packed, trained = manifest["settings"], checkpoint["preprocess"]
+    check_preprocessing(data, checkpoint)
+    info = setup_distributed(TrainConfig.dist_timeout_s)
+    try:
+        with StopRequest() as stop:
+            evaluate_with = split_evaluator(checkpoint, data, split, batch_size, workers, info.device, stop)
+            predictions = evaluate_with(None)
+            perturbed = {p: compute_metrics(evaluate_with(p)) for p in dict.fromkeys(perturbations)}
+        metrics = compute_metrics(predictions)
+        report = robustness_report(split, metrics, perturbed) if perturbations else None
+        if info.is_main:
+            folder = Path(out) if out else Path(checkpoint_path).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder / f"eval_{split}.json", metrics)
+            plots.report_plots(predictions, metrics, folder, f"eval_{split}")
+            if report:
+                write_robustness(report, folder, checkpoint, Path(checkpoint_path).parent.name)
+        return metrics, report
+    finally:
+        cleanup_distributed()
+
+
+def check_preprocessing(data: str, checkpoint: dict[str, Any]) -> None:
+    """``UserError`` unless pack ``data`` was made with the preprocessing the checkpoint was trained on."""
+    packed, trained = read_manifest(data)["settings"], checkpoint["preprocess"]
     defaults = asdict(PackSettings())  # what packs made before a setting existed did
     mismatched = [k for k in ("mode", "size", "codec", "parity") if (defaults | packed)[k] != (defaults | trained)[k]]
     if mismatched:
         raise UserError(f"{data}: packed with other {', '.join(mismatched)} than the checkpoint was trained on")
-    info = setup_distributed(TrainConfig.dist_timeout_s)
-    try:
-        model = model_from_checkpoint(checkpoint, info.device)
-        holdout = checkpoint["config"]["data"].get("holdout_source")
-        splits, keep = [split], None
-        if holdout and split == "test":  # the test the run was trained for: real test samples + the held-out source
-            splits, keep = list(manifest["splits"]), holdout_keep(holdout, test=True)
+
+
+def split_evaluator(
+    checkpoint: dict[str, Any],
+    data: str,
+    split: str,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    stop: StopRequest,
+) -> Callable[[Perturbation | None], Predictions]:
+    """``evaluate_with(degrade)``: the checkpoint's model on ``split`` of pack ``data``, every rank's
+    predictions gathered. Each call reads the split through a new loader of the same settings, with
+    ``degrade`` applied to each stored image before the crop (None: the images as stored). The test
+    split of a leave-one-source-out run is the one it was trained for: real test samples and every
+    sample of the held-out source."""
+    model = model_from_checkpoint(checkpoint, device)
+    splits, keep = [split], None
+    holdout = checkpoint["config"]["data"].get("holdout_source")
+    if holdout and split == "test":
+        splits, keep = list(read_manifest(data)["splits"]), holdout_keep(holdout, test=True)
+    precision = resolve_precision(checkpoint["config"]["train"]["precision"], device)
+
+    def evaluate_with(degrade: Perturbation | None) -> Predictions:
         loader = build_loader(
             data,
             splits,
             batch_size=batch_size,
             train=False,
-            crop=trained["crop"],
+            crop=checkpoint["preprocess"]["crop"],
             num_workers=workers,
-            device=info.device,
+            device=device,
             keep=keep,
+            degrade=degrade,
         )
-        precision = resolve_precision(checkpoint["config"]["train"]["precision"], info.device)
-        with StopRequest() as stop:
-            predictions = evaluate_split(model, loader, info.device, precision, channels_last=False, stop=stop)
-        predictions = predictions.gather()
-        metrics = compute_metrics(predictions)
-        if info.is_main:
-            folder = Path(out) if out else Path(checkpoint_path).parent
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(folder / f"eval_{split}.json", metrics)
-            report_plots(predictions, metrics, folder, f"eval_{split}")
-        return metrics
-    finally:
-        cleanup_distributed()
+        return evaluate_split(model, loader, device, precision, channels_last=False, stop=stop).gather()
+
+    return evaluate_with
+
+
+# Metrics whose drop under a perturbation the report gives, overall and (where a source has them) per source.
+DROP_KEYS = ("accuracy", "balanced_accuracy", "auroc", "ap", "real_accuracy", "fake_accuracy")
+ROBUSTNESS_COLUMNS = ["perturbation", "kind", "strength", *DROP_KEYS, *(f"{key}_drop" for key in DROP_KEYS)]
+
+
+def robustness_report(split: str, clean: dict[str, Any], perturbed: dict[Perturbation, dict]) -> dict[str, Any]:
+    """What ``evaluate --perturb`` writes to robustness.json::
+
+        {"split": SPLIT,
+         "clean": metrics of the clean evaluation (as eval_SPLIT.json: every metric and per_source),
+         "perturbations": {name ("none", "jpeg:50", "blur:2", "downscale:0.5"; in the order given): {
+             "kind": "none" | "jpeg" | "blur" | "downscale",
+             "strength": JPEG quality, blur sigma in px or downscale factor (0.0 for none),
+             "metrics": that evaluation's metrics, the same keys as "clean",
+             "drop": {key: clean - perturbed for each key of DROP_KEYS},
+             "per_source_drop": {source: {key: clean - perturbed, for each key of DROP_KEYS the source's
+                                           per-source entry has}}}}}
+
+    A positive drop is a loss (every key of DROP_KEYS is higher-is-better); NaN where a metric is
+    undefined (e.g. AUROC with one class)."""
+    sources = clean.get("per_source", {}).get("sources", {})
+    entries = {}
+    for perturbation, metrics in perturbed.items():
+        after = metrics.get("per_source", {}).get("sources", {})
+        entries[perturbation.name] = {
+            "kind": perturbation.kind,
+            "strength": perturbation.strength,
+            "metrics": metrics,
+            "drop": drops(clean, metrics),
+            "per_source_drop": {name: drops(entry, after.get(name, {})) for name, entry in sources.items()},
+        }
+    return {"split": split, "clean": clean, "perturbations": entries}
+
+
+def drops(clean: dict[str, Any], perturbed: dict[str, Any]) -> dict[str, float]:
+    return {key: clean[key] - perturbed[key] for key in DROP_KEYS if key in clean and key in perturbed}
+
+
+def robustness_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """The report as rows of ``ROBUSTNESS_COLUMNS``: the clean evaluation first (drops 0), then each
+    perturbation."""
+    clean = {"kind": "none", "strength": 0.0, "metrics": report["clean"], "drop": dict.fromkeys(DROP_KEYS, 0.0)}
+    entries = {"clean": clean} | report["perturbations"]
+    return [
+        [name, e["kind"], e["strength"], *(e["metrics"][k] for k in DROP_KEYS), *(e["drop"][k] for k in DROP_KEYS)]
+        for name, e in entries.items()
+    ]
+
+
+def format_robustness(report: dict[str, Any]) -> str:
+    """Accuracy and AUROC of each evaluation and their drop vs clean, one aligned line each."""
+    shown = ("accuracy", "accuracy_drop", "auroc", "auroc_drop")
+    lines = [f"{'perturbation':<16}" + "".join(f"{column:>15}" for column in shown)]
+    for row in robustness_rows(report):
+        values = dict(zip(ROBUSTNESS_COLUMNS, row, strict=True))
+        lines.append(f"{row[0]:<16}" + "".join(f"{values[column]:>15.4f}" for column in shown))
+    return "\n".join(lines)
+
+
+def write_robustness(report: dict[str, Any], folder: Path, checkpoint: dict[str, Any], run_name: str) -> None:
+    """FOLDER/robustness.json and robustness.png (when a perturbation other than none was evaluated),
+    then both to wandb (``log_robustness``)."""
+    atomic_write_json(folder / "robustness.json", report)
+    swept = any(entry["kind"] != "none" for entry in report["perturbations"].values())
+    plot = plots.robustness(report, folder / "robustness.png") if swept else None
+    log_robustness(report, plot, folder, checkpoint, run_name)
+
+
+def log_robustness(
+    report: dict[str, Any], plot: Path | None, folder: Path, checkpoint: dict[str, Any], run_name: str
+) -> None:
+    """The report as the table ``robustness/table`` (``ROBUSTNESS_COLUMNS``) and the plot, in a wandb run
+    of job type "robustness" under FOLDER/wandb, in the training run's group (``run_name``, the run
+    folder's name, when it had none), with the training config and wandb settings from the checkpoint."""
+    config = build(Config, checkpoint["config"], "")
+    group = config.wandb.group or run_name
+    name = f"{run_name}-robustness-{report['split']}"
+    config = replace(config, wandb=replace(config.wandb, job_type="robustness", group=group, name=name))
+    tracker = Tracker(config, folder, None, enabled=True)
+    tracker.log_table("robustness/table", ROBUSTNESS_COLUMNS, robustness_rows(report), step=0)
+    if plot:
+        tracker.log_plots("robustness", {"plot": plot}, step=0)
+    tracker.finish()
 
 
 def image_files(paths: list[str]) -> Iterator[Path]:
@@ -99,12 +234,13 @@ def image_files(paths: list[str]) -> Iterator[Path]:
             yield path
 
 
-def load_for_prediction(path: Path, settings: dict[str, Any]) -> torch.Tensor:
-    """One raw file -> uint8 HWC tensor, preprocessed exactly as the checkpoint's pack was."""
+def load_for_prediction(path: Path, settings: dict[str, Any], perturb: Perturbation | None = None) -> torch.Tensor:
+    """One raw file -> uint8 HWC tensor, preprocessed exactly as the checkpoint's pack was; ``perturb``
+    degrades the decoded file first, before the pack's parity and resizing or cropping."""
     if not path.is_file():
         raise UnreadableImage("file not found")
     packed = PackSettings(**{key: value for key, value in settings.items() if key != "crop"})
-    _, pixels = decode_and_preprocess(path, packed)
+    _, pixels = decode_and_preprocess(path, packed, perturb)
     # Through the same encoder and decoder as pack and the loader: the model saw these JPEG artefacts.
     pixels = decode_stored(encode(pixels, packed.codec, packed.quality))
     if settings["crop"]:
@@ -112,8 +248,11 @@ def load_for_prediction(path: Path, settings: dict[str, Any]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
-def predict(checkpoint_path: str, paths: list[str], csv_path: str, batch_size: int = 32) -> dict[str, int]:
-    """Write ``csv_path`` with one row per file: path, probability of fake, label, error (if unreadable)."""
+def predict(
+    checkpoint_path: str, paths: list[str], csv_path: str, batch_size: int = 32, perturb: Perturbation | None = None
+) -> dict[str, int]:
+    """Write ``csv_path`` with one row per file: path, probability of fake, label, error (if unreadable);
+    with ``perturb``, of each file degraded so (see ``load_for_prediction``)."""
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_from_checkpoint(checkpoint, device)
@@ -121,7 +260,7 @@ def predict(checkpoint_path: str, paths: list[str], csv_path: str, batch_size: i
     pending: list[tuple[int, torch.Tensor]] = []
     for path in image_files(paths):
         try:
-            image = load_for_prediction(path, checkpoint["preprocess"])
+            image = load_for_prediction(path, checkpoint["preprocess"], perturb)
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": ""})
             pending.append((len(rows) - 1, image))
         except (UnreadableImage, ValueError, OSError) as exc:

@@ -72,6 +72,33 @@ def cv_summary(summary: dict, path: Path) -> Path:
     return save(figure, path)
 
 
+HOLDOUT_TITLES = {
+    "accuracy": "accuracy",
+    "ap": "AP",
+    "auroc": "AUROC",
+    "real_accuracy": "real acc",
+    "fake_accuracy": "fake acc",
+}
+
+
+def holdout_matrix(matrix: dict, path: Path) -> Path:
+    """Heat map of a leave-one-source-out matrix (``cluster.report.holdout_matrix``): a row per held-out fake
+    source, then its mean and minimum rows; a column per metric; every cell written out, coloured from
+    red (0) to green (1)."""
+    columns, sources = matrix["columns"], matrix["sources"]
+    labels = [f"{name} (n={row['real']}+{row['fake']})" for name, row in sources.items()] + ["mean", "minimum"]
+    values = np.array([[row[key] for key in columns] for row in [*sources.values(), matrix["mean"], matrix["min"]]])
+    figure, axis = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.45 * len(labels) + 1.5))
+    axis.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for (row, column), value in np.ndenumerate(values):
+        axis.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=9)
+    axis.axhline(len(sources) - 0.5, color="black", linewidth=2)  # sources above, their summary below
+    axis.set_xticks(range(len(columns)), [HOLDOUT_TITLES.get(key, key) for key in columns])
+    axis.set_yticks(range(len(labels)), labels)
+    axis.set(ylabel="held-out fake source (test n real+fake)", title="Leave-one-source-out: trained without the source")
+    return save(figure, path)
+
+
 SOURCE_BARS = {
     "fake_accuracy": ("fake accuracy", "#c44e52"),
     "auroc": ("AUROC", "#dd8452"),
@@ -126,6 +153,36 @@ def audit(report: dict, path: Path, warn_auroc: float) -> Path:
         axis.barh([names[0]], [0], color=colour, label=exposure)  # legend entries only
     axis.set(xlim=(0, 1), xlabel="test AUROC from file metadata alone (0.5: chance)", title="Shortcut audit")
     axis.legend(loc="lower right", fontsize="small")
+    return save(figure, path)
+
+
+# kind -> x-axis label, and whether a lower value is the stronger degradation (its axis is reversed)
+PERTURBATION_AXES = {
+    "jpeg": ("JPEG quality (decreasing: stronger →)", True),
+    "blur": ("Gaussian blur sigma, px (stronger →)", False),
+    "downscale": ("downscale factor (decreasing: stronger →)", True),
+}
+ROBUSTNESS_LINES = {"accuracy": ("accuracy", "#4c72b0"), "auroc": ("AUROC", "#dd8452")}
+
+
+def robustness(report: dict, path: Path) -> Path:
+    """A robustness report (``aidetect.inference.robustness_report``) with at least one perturbation other
+    than none: one panel per kind, accuracy and AUROC against strength, stronger always to the right,
+    the clean evaluation's values as dashed lines (``none`` has no strength: the clean lines show it)."""
+    entries = [entry for entry in report["perturbations"].values() if entry["kind"] != "none"]
+    kinds = list(dict.fromkeys(entry["kind"] for entry in entries))
+    figure, axes = plt.subplots(1, len(kinds), figsize=(4.3 * len(kinds), 3.9), squeeze=False)
+    for axis, kind in zip(axes[0], kinds, strict=True):
+        points = sorted((entry for entry in entries if entry["kind"] == kind), key=lambda entry: entry["strength"])
+        for key, (label, colour) in ROBUSTNESS_LINES.items():
+            values = [entry["metrics"][key] for entry in points]
+            axis.plot([entry["strength"] for entry in points], values, marker="o", color=colour, label=label)
+            axis.axhline(report["clean"][key], linestyle="--", color=colour, label=f"{label}, clean")
+        label, reversed_ = PERTURBATION_AXES[kind]
+        if reversed_:
+            axis.invert_xaxis()
+        axis.set(xlabel=label, ylim=(0, 1.02), title=f"{kind}, {report['split']} split")
+    axes[0][0].legend(loc="lower left", fontsize="small")
     return save(figure, path)
 
 

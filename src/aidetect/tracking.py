@@ -108,6 +108,14 @@ class Tracker:
 
         self.guard(log)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        def log() -> None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+        self.guard(log)
+
     def summary(self, values: dict[str, Any]) -> None:
         self.guard(lambda: self.run.summary.update(values))
 

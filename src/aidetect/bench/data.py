@@ -6,6 +6,9 @@ All figures come from one run on the same images with the same number of worker 
 - ``pack_decode_floor_img_per_s``: only decoding the raw files (reduced JPEG decoding allowed);
 - ``load_img_per_s``: the training loader, shards to batched uint8 tensors (normalisation to float runs
   on the GPU, as in timm's prefetcher; ``load_normalized_on_cpu_img_per_s`` includes it on this CPU);
+- ``load_aug_img_per_s``: the training loader with blur and JPEG applied to every image (``BENCH_AUGMENTATION``:
+  the worst case of the ``forensic_resnet50`` ranges; at probability p each, the cost is p times this one's),
+  and ``aug_cost_ms_per_img``, the time it adds per image in one worker process;
 - ``load_decode_floor_img_per_s``: only decoding the images stored in the shards (bytes already in memory);
 - ``naive_img_per_s``: the original project's pipeline, torchvision ImageFolder + PIL pad-to-square +
   Resize from the raw files with ``num_workers=0``.
@@ -30,6 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from aidetect.data.decode import decode_stored, reduced_decode_scale
+from aidetect.data.degrade import Augmentation
 from aidetect.data.pack import PackSettings, pack, scan_source
 from aidetect.data.packformat import MANIFEST
 from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, select_shards
@@ -38,6 +42,9 @@ from aidetect.parallel import parallel_imap
 
 # Read-only inputs for the forked floor workers (fork shares them; pickling bytes would dominate).
 _FLOOR_INPUTS: list = []
+
+# Every image blurred and re-compressed, at strengths drawn from the forensic_resnet50 config's ranges.
+BENCH_AUGMENTATION = Augmentation(blur_prob=1.0, blur_sigma=(0.0, 3.0), jpeg_prob=1.0, jpeg_quality=(30, 100))
 
 
 def bench_data(
@@ -57,8 +64,13 @@ def bench_data(
     paths = [f.path for f in scan_source(src)[0]]
     results |= time_pack(src, shards, settings, workers, len(paths))
     results["pack_decode_floor_img_per_s"] = floor_rate(decode_raw, paths, workers, settings.size)
-    rates = loader_rates(shards, batch_size, workers, min_images)
-    results["load_img_per_s"], results["load_normalized_on_cpu_img_per_s"] = rates
+    timed = partial(loader_rate, shards, batch_size, workers, min_images)
+    results["load_img_per_s"] = timed()
+    results["load_normalized_on_cpu_img_per_s"] = timed(normalized=True)
+    results["load_aug_img_per_s"] = timed(degrade=BENCH_AUGMENTATION)
+    # The loader is CPU-bound in its workers: each spends `workers` times the added wall time per image.
+    added_s = 1 / results["load_aug_img_per_s"] - 1 / results["load_img_per_s"]
+    results["aug_cost_ms_per_img"] = 1000 * workers * added_s
     stored = stored_images(shards)
     repeats = -(-min_images // len(stored))  # as many images as the loader measurement decodes
     results["load_decode_floor_img_per_s"] = floor_rate(decode_stored_floor, stored * repeats, workers)
@@ -135,27 +147,36 @@ def stored_images(shards: Path) -> list[bytes]:
     return [s.get("jpg", s.get("png")) for s in wds.tarfile_samples(urls)]
 
 
-def loader_rates(shards: Path, batch_size: int, workers: int, min_images: int) -> tuple[float, float]:
-    """Steady-state rate of the training loader over every split: shards to batched uint8 tensors ready
-    to cross to the device, and (second figure) including normalisation on this CPU.
+def loader_rate(
+    shards: Path,
+    batch_size: int,
+    workers: int,
+    min_images: int,
+    *,
+    normalized: bool = False,
+    degrade: Augmentation | None = None,
+) -> float:
+    """Steady-state rate of the training loader over every split, with ``degrade`` applied to each image:
+    shards to batched uint8 tensors ready to cross to the device or, ``normalized``, as a CPU training
+    loop sees them (normalised on this CPU).
 
     A small pack is listed several times over so that one epoch holds at least ``min_images`` (the
     same images, as the floor decodes them); a warm-up epoch first starts the persistent workers.
     """
     listed = select_shards(shards, list(read_manifest(shards)["splits"]))
     repeats = -(-min_images // sum(s.count for s in listed))
-    dataset = ShardDataset(listed * repeats, batch_size=batch_size, train=True, crop=None, seed=0, rank=0, world=1)
+    dataset = ShardDataset(
+        listed * repeats, batch_size=batch_size, train=True, crop=None, seed=0, rank=0, world=1, degrade=degrade
+    )
     loader = ShardLoader(dataset, num_workers=workers, device=torch.device("cpu"), noise_std=0.0)
-    rates = []
-    for batches in (loader.loader, loader):  # the host pipeline alone, then as a CPU training loop sees it
-        loader.set_epoch(0)
-        for _ in batches:
-            pass
-        loader.set_epoch(1)
-        started = time.perf_counter()
-        images = sum(len(batch[0]) for batch in batches)
-        rates.append(images / (time.perf_counter() - started))
-    return rates[0], rates[1]
+    batches = loader if normalized else loader.loader
+    loader.set_epoch(0)
+    for _ in batches:
+        pass
+    loader.set_epoch(1)
+    started = time.perf_counter()
+    images = sum(len(batch[0]) for batch in batches)
+    return images / (time.perf_counter() - started)
 
 
 def naive_rate(src: Path, shards: Path, size: int, limit: int) -> float:
@@ -187,5 +208,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<8}{rate:>10.1f}{floor:>14.1f}{results[key]:>8.2f}{'>= ' + str(target):>8}")
     lines.append(f"{'naive':<8}{results['naive_img_per_s']:>10.1f}")
     lines.append(f"load incl. normalisation on this CPU: {results['load_normalized_on_cpu_img_per_s']:.1f} img/s")
+    lines.append(
+        f"load with blur + JPEG on every image: {results['load_aug_img_per_s']:.1f} img/s"
+        f" ({results['aug_cost_ms_per_img']:+.2f} ms per image per worker)"
+    )
     lines.append(f"load / naive = {results['load_vs_naive']:.1f}x (target >= 50x); workers = {results['workers']}")
     return "\n".join(lines)

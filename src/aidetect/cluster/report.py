@@ -1,4 +1,5 @@
-"""After jobs: the cross-validation summary, the status of a submitted run, and syncing offline wandb runs."""
+"""After jobs: the cross-validation and leave-one-source-out summaries, the status of a submitted run, and
+syncing offline wandb runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aidetect import plots
-from aidetect.cluster.submit import load_jobs
+from aidetect.cluster.submit import JOBS_FILE, fake_sources, load_jobs
 from aidetect.config import load_config
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
@@ -22,13 +23,16 @@ from aidetect.metrics import METRIC_KEYS
 from aidetect.tracking import Tracker
 
 THRESHOLD_KEYS = ("val_threshold", "accuracy_at_val_threshold", "balanced_accuracy_at_val_threshold")
+HOLDOUT_COLUMNS = ("accuracy", "ap", "auroc", "real_accuracy", "fake_accuracy")
 
 
 def cv_report(run: Path) -> dict[str, Any]:
     """``RUN/cv_summary.json``: ``folds`` (each fold's test metrics), ``mean`` and ``std`` of every key of
     ``METRIC_KEYS`` and of the validation-threshold keys that every fold has, and ``per_source`` (see
     ``per_source_summary``) when a fold has a per-source table; plots ``cv_summary.png`` and
-    ``cv_per_source.png``, and logs all of it to wandb."""
+    ``cv_per_source.png``, and logs all of it to wandb. A leave-one-source-out run: ``holdout_report``."""
+    if by_source(run):
+        return holdout_report(run)
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("fold*/test_metrics.json"))}
     if not results:
         raise UserError(f"{run}: no fold*/test_metrics.json yet; are the folds finished? (aidetect status {run})")
@@ -44,8 +48,76 @@ def cv_report(run: Path) -> dict[str, Any]:
     paths = {"summary": plots.cv_summary(summary, run / "cv_summary.png")}
     if tables:
         paths["per_source"] = per_source_plot(summary["per_source"], run / "cv_per_source.png")
-    log_to_wandb(run, summary, paths)
+    log_to_wandb(run, sorted(run.glob("fold*/config.yaml")), wandb_values(summary), paths)
     return summary
+
+
+def by_source(run: Path) -> bool:
+    """Whether ``run`` is a leave-one-source-out run: its jobs.json says so, or (sbatch runs have none)
+    it has ``holdout-*`` run folders."""
+    if (run / JOBS_FILE).exists():
+        return load_jobs(run).get("by") == "source"
+    return any(run.glob("holdout-*/config.yaml"))
+
+
+def holdout_report(run: Path) -> dict[str, Any]:
+    """``RUN/cv_summary.json`` of a leave-one-source-out run, the train-on-the-rest / test-on-the-held-out
+    matrix::
+
+        {"by": "source", "n_sources": finished runs, "missing": expected sources without test metrics,
+         "holdout": {"columns": HOLDOUT_COLUMNS,
+                     "sources": {source: {column: ..., "real": n, "fake": n, "folder": "holdout-..."}},
+                     "mean": {column: ...}, "min": {column: ...}, "argmin": {column: source}}}
+
+    A row holds the test metrics of the run trained without that fake source (``RUN/holdout-*/``, the
+    source read from its config.yaml); its test set is the real test samples and every sample of the source,
+    so ``fake_accuracy`` is the accuracy on the held-out generator's fakes, and ``real``/``fake`` count
+    them. Mean and minimum are over the rows. Expected sources: jobs.json's, else (sbatch) the pack's fake
+    sources. Plots ``cv_holdout.png`` (``plots.holdout_matrix``) and logs all of it to wandb."""
+    folders = {
+        load_config(str(path.parent / "config.yaml")).data.holdout_source: path.parent
+        for path in sorted(run.glob("holdout-*/test_metrics.json"))
+    }
+    if not folders:
+        raise UserError(f"{run}: no holdout-*/test_metrics.json yet; are the runs finished? (aidetect status {run})")
+    matrix = holdout_matrix(folders)
+    missing = [source for source in expected_sources(run, folders[min(folders)]) if source not in folders]
+    summary = {"by": "source", "n_sources": len(folders), "missing": missing, "holdout": matrix}
+    atomic_write_json(run / "cv_summary.json", summary)
+    paths = {"holdout": plots.holdout_matrix(matrix, run / "cv_holdout.png")}
+    columns = matrix["columns"]
+    table = (
+        ["held-out source", *columns],
+        [[name, *(row[k] for k in columns)] for name, row in matrix["sources"].items()],
+    )
+    configs = [folder / "config.yaml" for folder in folders.values()]
+    log_to_wandb(run, configs, holdout_wandb_values(matrix), paths, table)
+    return summary
+
+
+def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
+    """The ``holdout`` matrix of ``holdout_report`` from each held-out source's run folder."""
+    rows = {}
+    for source in sorted(folders):
+        metrics = json.loads((folders[source] / "test_metrics.json").read_text())
+        rows[source] = {key: metrics[key] for key in (*HOLDOUT_COLUMNS, "real", "fake")}
+        rows[source]["folder"] = folders[source].name
+    values = {key: np.array([row[key] for row in rows.values()], dtype=float) for key in HOLDOUT_COLUMNS}
+    return {
+        "columns": list(HOLDOUT_COLUMNS),
+        "sources": rows,
+        "mean": {key: float(v.mean()) for key, v in values.items()},
+        "min": {key: float(v.min()) for key, v in values.items()},
+        "argmin": {key: list(rows)[int(np.argmin(v))] for key, v in values.items()},
+    }
+
+
+def expected_sources(run: Path, folder: Path) -> list[str]:
+    """The held-out sources a leave-one-source-out run should have: those its jobs.json records, else the
+    fake sources of the pack that ``folder``'s run trained on."""
+    if (run / JOBS_FILE).exists():
+        return list(load_jobs(run)["sources"])
+    return fake_sources(load_config(str(folder / "config.yaml")).data.shards)
 
 
 def mean_std(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, dict[str, float]]:
@@ -100,16 +172,32 @@ def wandb_values(summary: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def log_to_wandb(run: Path, summary: dict[str, Any], paths: dict[str, Path]) -> None:
-    first = sorted(run.glob("fold*/config.yaml"))
-    if not first:
+def holdout_wandb_values(matrix: dict[str, Any]) -> dict[str, float]:
+    """What ``holdout_report`` puts in the wandb summary: ``cv/holdout/SOURCE/KEY`` and
+    ``cv/holdout/{mean,min}/KEY`` for every column KEY."""
+    rows = matrix["sources"] | {"mean": matrix["mean"], "min": matrix["min"]}
+    return {f"cv/holdout/{name}/{key}": row[key] for name, row in rows.items() for key in matrix["columns"]}
+
+
+def log_to_wandb(
+    run: Path,
+    configs: list[Path],
+    values: dict[str, float],
+    paths: dict[str, Path],
+    table: tuple[list[str], list[list[Any]]] | None = None,
+) -> None:
+    """One wandb run (job_type cv-summary) in the group of the runs whose ``configs`` are given (nothing
+    without one): ``values`` in its summary, the plots, and ``table`` (columns, rows) as ``cv/table``."""
+    if not configs:
         return
-    config = load_config(str(first[0]))
+    config = load_config(str(configs[0]))
     group = config.wandb.group or run.name
     config = replace(config, wandb=replace(config.wandb, job_type="cv-summary", name=f"{group}-summary"))
     tracker = Tracker(config, run, None, enabled=True)
-    tracker.summary(wandb_values(summary))
+    tracker.summary(values)
     tracker.log_plots("cv", paths, 0)
+    if table:
+        tracker.log_table("cv/table", *table, 0)
     tracker.finish()
 
 
@@ -145,13 +233,40 @@ def status(run: Path) -> str:
     jobs = load_jobs(run)
     states = job_states([j["job_id"] for j in jobs["jobs"]]) if jobs["executor"] == "slurm" else {}
     lines = [f"{run}: {jobs['kind']} on {jobs['profile']} ({jobs['executor']})"]
-    folders = [run] if jobs["kind"] == "train" else [run / f"fold{k}" for k in range(jobs["folds"])]
+    folders = run_folders(run, jobs)
+    width = max(8, *(len(folder.name) for folder in folders))
     for job, folder in zip(jobs["jobs"], folders, strict=True):
         state = states.get(job["job_id"], "see log" if not states else "unknown")
-        lines.append(f"  {folder.name:<8} job {job['job_id']:<10} {state:<22} {progress(folder)}  log {job['stdout']}")
+        lines.append(
+            f"  {folder.name:<{width}} job {job['job_id']:<10} {state:<22} {progress(folder)}  log {job['stdout']}"
+        )
     if (run / "cv_summary.json").exists():
         lines.append(f"  summary: {run / 'cv_summary.json'}")
     return "\n".join(lines)
+
+
+def run_folders(run: Path, jobs: dict[str, Any]) -> list[Path]:
+    """The run folder of each job of a submission, in the order of ``jobs["jobs"]``."""
+    if jobs["kind"] == "train":
+        return [run]
+    if jobs.get("by") == "source":
+        return [run / folder for folder in jobs["sources"].values()]
+    return [run / f"fold{k}" for k in range(jobs["folds"])]
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """One line of a ``cv_report`` summary: accuracy and AUROC, mean ± std over folds, or for a
+    leave-one-source-out run mean and minimum (and which source) over held-out sources."""
+    if "holdout" not in summary:
+        mean, std = summary["mean"], summary["std"]
+        return (
+            f"accuracy {mean['accuracy']:.4f} ± {std['accuracy']:.4f}, auroc {mean['auroc']:.4f} ± {std['auroc']:.4f}"
+        )
+    matrix = summary["holdout"]
+    return ", ".join(
+        f"held-out {key} mean {matrix['mean'][key]:.4f}, min {matrix['min'][key]:.4f} ({matrix['argmin'][key]})"
+        for key in ("fake_accuracy", "auroc")
+    )
 
 
 def offline_runs(run: Path) -> list[Path]:

@@ -4,13 +4,19 @@ A job runs ``aidetect.train.train`` unchanged, with the distributed environment 
 (``TorchDistributedEnvironment``) and ``train.resume: auto``. Before a time limit or preemption SLURM
 signals the tasks (``--signal=USR2@signal_delay_s``); training stops at a step all ranks agree on,
 saves ``last.pt`` with its position, and rank 0 requeues the job (up to ``max_requeues`` times),
-which resumes from there. Cross-validation submits the folds as one job array that runs in parallel.
+which resumes from there. Cross-validation submits the folds as one job array that runs in parallel;
+leave-one-source-out (``--by source``) submits one task per fake source of the pack the same way.
+
+``python -m aidetect.cluster.submit holdout INDEX TRAIN_ARGS...`` prints the run sub-folder and the
+name of the INDEX-th fake source (sorted), tab-separated: what slurm/cv.sbatch's array task INDEX holds out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +29,8 @@ import submitit
 import torch
 
 from aidetect.cluster.profiles import Profile, place, require_account
-from aidetect.config import Config, build, to_dict, validate
+from aidetect.config import Config, DataConfig, build, to_dict, validate
+from aidetect.data.shards import read_manifest
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.preemption import RESUME_EXIT_CODE, Stopped, requeue_decision
@@ -129,25 +136,81 @@ def submit_train(config: Config, profile: Profile, nodes: int, tasks_per_node: i
 
 
 def submit_cv(config: Config, profile: Profile, folds: int, nodes: int, tasks_per_node: int) -> list[submitit.Job]:
-    """One job array, one task per fold, all in one wandb group (job_type fold-K), run in parallel."""
+    """One job array, one task per fold (RUN/foldK, job_type fold-K), run in parallel."""
     config = prepare(config, profile)
+    members = [(f"fold{k}", f"fold-{k}", replace(config.data, fold=k)) for k in range(folds)]
+    return submit_array(config, profile, members, nodes, tasks_per_node, by="fold", folds=folds)
+
+
+def submit_holdout(config: Config, profile: Profile, nodes: int, tasks_per_node: int) -> list[submitit.Job]:
+    """Leave-one-source-out: one job array, one task per fake source S of the pack (sorted), training with
+    ``data.holdout_source`` = S (validation fold as configured) in ``RUN/holdout_folder(S)``, job_type the
+    folder's name. jobs.json records ``by: source`` and ``sources`` ({source: folder}). ``UserError`` when
+    the pack has fewer than 2 fake sources or the config already holds one out."""
+    config = prepare(config, profile)
+    if config.data.holdout_source:
+        raise UserError("data.holdout_source is set: --by source holds out each fake source in turn; unset it")
+    folders = {source: holdout_folder(source) for source in holdout_sources(config.data.shards)}
+    members = [(folder, folder, replace(config.data, holdout_source=source)) for source, folder in folders.items()]
+    return submit_array(config, profile, members, nodes, tasks_per_node, by="source", sources=folders)
+
+
+def submit_array(
+    config: Config,
+    profile: Profile,
+    members: list[tuple[str, str, DataConfig]],
+    nodes: int,
+    tasks_per_node: int,
+    **extra: Any,
+) -> list[submitit.Job]:
+    """One task per member ``(folder, job_type, data config)`` training in ``RUN/folder``, all in one wandb
+    group (the run's name unless set), as one job array that runs in parallel; ``extra`` goes to jobs.json."""
     run = Path(config.train.out)
     run.mkdir(parents=True, exist_ok=True)
     group = config.wandb.group or run.name
-    configs = []
-    for fold in range(folds):
-        fold_config = replace(
-            config,
-            data=replace(config.data, fold=fold),
-            train=replace(config.train, out=str(run / f"fold{fold}")),
-            wandb=replace(config.wandb, group=group, job_type=f"fold-{fold}", name=f"{group}-fold{fold}"),
+    configs = [
+        to_dict(
+            replace(
+                config,
+                data=data,
+                train=replace(config.train, out=str(run / folder)),
+                wandb=replace(config.wandb, group=group, job_type=job_type, name=f"{group}-{folder}"),
+            )
         )
-        configs.append(to_dict(fold_config))
+        for folder, job_type, data in members
+    ]
     executor = make_executor(profile, run / "submitit", nodes, tasks_per_node, f"aidetect-cv-{run.name}")
-    executor.update_parameters(slurm_array_parallelism=folds)
+    executor.update_parameters(slurm_array_parallelism=len(members))
     jobs = executor.map_array(TrainJob(profile.max_requeues), configs)
-    record(run, "cv", jobs, profile, folds=folds)
+    record(run, "cv", jobs, profile, **extra)
     return jobs
+
+
+def fake_sources(shards: str | Path) -> list[str]:
+    """The pack's fake sources, sorted (none for packs made before sources were recorded)."""
+    return sorted(read_manifest(shards).get("sources", {}).get("fake", {}))
+
+
+def holdout_sources(shards: str | Path) -> list[str]:
+    """``fake_sources`` of a pack for leave-one-source-out; ``UserError`` unless there are at least 2."""
+    sources = fake_sources(shards)
+    if len(sources) < 2:
+        raise UserError(
+            f"{shards}: leave-one-source-out needs at least 2 fake sources, the pack has {len(sources)} "
+            f"({', '.join(sources) or 'none recorded'}); pack an ImageFolder with fake/SOURCE/ folders"
+        )
+    return sources
+
+
+def holdout_folder(source: str) -> str:
+    """The sub-folder of a leave-one-source-out run that holds ``source`` out: ``holdout-SOURCE`` for a plain
+    name (up to 40 letters, digits, ``_ - .``, not starting with a dot); otherwise a slug of it plus a hash of
+    the name, so that any name gives a safe folder, distinct names distinct folders, and a wandb job_type
+    (the folder's name) stays under wandb's 64 characters."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,39}", source):
+        return f"holdout-{source}"
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", source)[:24]
+    return f"holdout-{slug}-{hashlib.sha256(source.encode()).hexdigest()[:8]}"
 
 
 def record(run: Path, kind: str, jobs: list[submitit.Job], profile: Profile, **extra: Any) -> None:
@@ -202,3 +265,25 @@ def load_jobs(run: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: not found; is {run} a run folder made by 'aidetect submit'?")
     return json.loads(path.read_text())
+
+
+def holdout_task(index: int, train_args: list[str]) -> tuple[str, str]:
+    """(folder, source) that array task ``index`` of a leave-one-source-out sbatch array holds out: the
+    ``index``-th fake source (sorted) of the pack that ``aidetect train TRAIN_ARGS`` would train on."""
+    from aidetect.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["train", *train_args]))
+    validate(config)
+    sources = holdout_sources(config.data.shards)
+    if not 0 <= index < len(sources):
+        raise UserError(f"array task {index}: {config.data.shards} has fake sources 0..{len(sources) - 1}: {sources}")
+    return holdout_folder(sources[index]), sources[index]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "holdout":
+        sys.exit("usage: python -m aidetect.cluster.submit holdout INDEX TRAIN_ARGS...")
+    try:
+        print("\t".join(holdout_task(int(sys.argv[2]), sys.argv[3:])))
+    except UserError as exc:
+        sys.exit(f"aidetect: error: {exc}")

@@ -178,8 +178,11 @@ def plan_shards(candidates: list[SourceFile], settings: PackSettings) -> list[Sh
 # Per-file work (runs in worker processes)
 
 
-def decode_and_preprocess(path: str | os.PathLike, settings: PackSettings) -> tuple[DecodedImage, np.ndarray]:
-    """One raw file as a pack with ``settings`` stores it (before encoding); ``predict`` uses it too."""
+def decode_and_preprocess(
+    path: str | os.PathLike, settings: PackSettings, perturb: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[DecodedImage, np.ndarray]:
+    """One raw file as a pack with ``settings`` stores it (before encoding); ``predict`` uses it too, with
+    ``perturb`` (``predict --perturb``) applied to the decoded pixels before the parity codec."""
     decoded = decode_image(
         path,
         long_side=settings.size if settings.mode == "resize" else None,
@@ -187,7 +190,7 @@ def decode_and_preprocess(path: str | os.PathLike, settings: PackSettings) -> tu
         max_pixels=settings.max_pixels,
         repair_truncated=settings.on_truncated == "repair",
     )
-    pixels = apply_parity(decoded.pixels, settings.parity)
+    pixels = apply_parity(perturb(decoded.pixels) if perturb else decoded.pixels, settings.parity)
     return decoded, preprocess(pixels, settings.mode, settings.size)
 
 
