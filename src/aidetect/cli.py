@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="classes differ in file metadata as in some Kaggle sets: fakes PNG at 3 square sizes, "
         "reals JPEG of varied sizes, some with EXIF (default: both classes alike)",
     )
+    synth.add_argument(
+        "--fragile",
+        action="store_true",
+        help="a trace JPEG q50 all but destroys: strong fine grain on reals, a faint upsampler trace on fakes",
+    )
     synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     synth.set_defaults(handler=run_synth)
 
@@ -298,6 +303,7 @@ def run_synth(args: argparse.Namespace) -> int:
         max_side=args.max_side,
         sources=args.sources,
         shortcuts=args.shortcuts,
+        fragile=args.fragile,
     )
     print(f"wrote {', '.join(f'{v} {k}' for k, v in counts.items())} under {args.out}")
     return 0

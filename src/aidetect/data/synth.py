@@ -20,6 +20,12 @@ class away. With N = 1 files lie directly in the class folders.
 tristanzhang32/ai-generated-images-vs-real-images: fakes are PNG at three fixed square sizes, reals
 JPEG of varied sizes and aspects, some with camera EXIF; a metadata-only classifier then wins.
 
+``--fragile`` makes the trace one that JPEG q50 all but destroys, as real detectors' easiest cues are:
+strong fine sensor grain on reals (which JPEG smooths away, so compressed reals look like fakes) and a
+faint period-2 trace (2-4 %) that compression weakens but keeps. A detector trained without JPEG
+augmentation leans on the grain and fails under compression; one trained with it learns the faint
+trace too (the README's robustness figures).
+
 ``--defects`` adds the broken files that scraped datasets contain, directly in the class folders (their
 source is the class name); ``DEFECT_OUTCOMES`` says what ``pack`` must do with each.
 """
@@ -32,7 +38,7 @@ import os
 import struct
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -48,6 +54,8 @@ CLASS_NAMES = ("real", "fake")
 PNG_SHARE = 0.15
 JPEG_QUALITY_RANGE = (70, 98)
 EXIF_SHARE = 0.5  # of the reals, with --shortcuts
+FRAGILE_GRAIN = (8.0, 12.0)  # --fragile: strong fine grain (std in 8-bit levels) ...
+FAINT_GAIN = (0.02, 0.04)  # ... and a faint upsampler trace
 CAMERAS = (("Canon", "Canon EOS 5D Mark IV"), ("NIKON CORPORATION", "NIKON D850"), ("SONY", "ILCE-7M3"))
 
 # relative path -> what ``aidetect pack`` (default settings) must record for it
@@ -132,6 +140,7 @@ def synth(
     max_side: int = 2048,
     sources: int = 1,
     shortcuts: bool = False,
+    fragile: bool = False,
 ) -> dict[str, int]:
     """Write ``n`` images (half real, half fake) under ``out``; returns counts of files written per folder
     (``real``, ``fake``; with ``sources`` >= 2 ``real/photo``, ``fake/gen1`` ...) and of ``defects``."""
@@ -149,7 +158,14 @@ def synth(
     for folder in counts:
         (out / folder).mkdir(parents=True, exist_ok=True)
     write = partial(
-        write_sample, out=out, seed=seed, min_side=min_side, max_side=max_side, sources=sources, shortcuts=shortcuts
+        write_sample,
+        out=out,
+        seed=seed,
+        min_side=min_side,
+        max_side=max_side,
+        sources=sources,
+        shortcuts=shortcuts,
+        fragile=fragile,
     )
     for _ in parallel_imap(write, range(n), workers or os.cpu_count() or 1, chunksize=4):
         pass
@@ -174,9 +190,14 @@ def sample_source(index: int, sources: int) -> Source:
     return Source(class_name, f"fake/gen{turn % sources + 1}", STYLES[style], GENERATORS[turn % sources])
 
 
-def write_sample(index: int, out: Path, seed: int, min_side: int, max_side: int, sources: int, shortcuts: bool) -> None:
+def write_sample(
+    index: int, out: Path, seed: int, min_side: int, max_side: int, sources: int, shortcuts: bool, fragile: bool
+) -> None:
     rng = np.random.default_rng([seed, index])
     source = sample_source(index, sources)
+    if fragile:
+        style, upsampler = replace(source.style, grain=FRAGILE_GRAIN), replace(source.upsampler, gain=FAINT_GAIN)
+        source = replace(source, style=style, upsampler=upsampler)
     as_generated = shortcuts and source.class_name == "fake"
     height, width = square_size(rng, min_side, max_side) if as_generated else draw_size(rng, min_side, max_side)
     pixels = render(rng, source.class_name, height, width, source.style, source.upsampler)
