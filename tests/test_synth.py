@@ -9,6 +9,7 @@ from PIL import Image
 from PIL.JpegImagePlugin import get_sampling
 
 from aidetect.data.decode import decode_image
+from aidetect.data.degrade import jpeg
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.synth import DEFECT_OUTCOMES, pattern_strengths, periodic_trace, synth
 from aidetect.data.transforms import center_crop
@@ -140,3 +141,28 @@ def test_per_source_table_is_aligned_with_dashes_where_a_metric_does_not_apply()
     assert table[1].split() == ["gen1", "20", "0.9500", "0.9500", "-", "0.9900"]
     assert table[2].split() == ["photo", "30", "1.0000", "-", "1.0000", "-"]
     assert table[3] == "fake accuracy over fake sources: mean 0.9500, min 0.9500"
+
+
+def test_fragile_traces_are_mostly_erased_by_jpeg_q50(tmp_path: Path) -> None:
+    """--fragile: reals carry strong fine grain and fakes a faint period-2 trace; JPEG q50 smooths the grain
+    away and weakens, but keeps, the trace."""
+    synth(tmp_path / "s", n=24, seed=4, workers=2, min_side=128, max_side=160, fragile=True)
+
+    def fine_grain(pixels: np.ndarray) -> float:  # mean absolute difference of horizontal neighbours
+        return float(np.abs(np.diff(pixels.astype(np.float32), axis=1)).mean())
+
+    stats: dict[str, dict[str, list[float]]] = {"real": {}, "fake": {}}
+    for cls in stats:
+        for path in sorted((tmp_path / "s" / cls).iterdir()):
+            pixels = center_crop(decode_image(path).pixels, 128)
+            compressed = jpeg(pixels, 50)
+            for name, value in {
+                "grain": fine_grain(pixels),
+                "grain_q50": fine_grain(compressed),
+                "trace": periodic_trace(pixels),
+                "trace_q50": periodic_trace(compressed),
+            }.items():
+                stats[cls].setdefault(name, []).append(value)
+    real, fake = ({k: np.median(v) for k, v in stats[c].items()} for c in ("real", "fake"))
+    assert real["grain"] > 1.5 * fake["grain"] and real["grain_q50"] < 0.7 * real["grain"]
+    assert 0.01 < fake["trace"] < 0.05 and real["trace"] < fake["trace_q50"] < fake["trace"]

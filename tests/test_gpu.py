@@ -1,0 +1,194 @@
+"""The GPU paths, in real processes as a user starts them: one GPU and two with nccl, fp16 + GradScaler,
+bf16, channels_last, torch.compile, ``--resume auto`` after a SIGKILL, and evaluation on the GPU against
+the CPU. Marked ``gpu`` and skipped where no CUDA GPU is visible, each with its reason (``pytest -rs``
+lists them); ``bash hpc/gpu_check.sh`` runs them on a GPU node together with the benches.
+
+The last test is not marked ``gpu``: it runs that script on this machine with CUDA hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from test_train import AUGMENTED, torchrun, train_args, weights
+
+from aidetect.checkpoint import load_checkpoint
+from aidetect.metrics import METRIC_KEYS
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+needs_gpu = pytest.mark.skipif(GPUS == 0, reason="gpu test: no CUDA GPU visible (torch.cuda.is_available() is False)")
+needs_two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"gpu test: nccl with 2 processes needs >= 2 GPUs, {GPUS} visible")
+
+# cuDNN runs fp32 convolutions in TF32 by default on Ampere and later (10 mantissa bits): a GPU fp32 run
+# then differs from a CPU one by ~1e-3. Where a test compares numbers across devices or process counts it
+# turns TF32 off with cuBLAS/cuDNN's own switch, so that fp32 means fp32 and tolerances can be tight.
+STRICT_FP32 = {"NVIDIA_TF32_OVERRIDE": "0"}
+
+# A place for `data.decode: gpu` (nvJPEG decoding in the loader) once it exists: a run with it against the
+# same run decoding on the CPU.
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One process on one GPU, fp32, 2 epochs: (the run folder, its output), read by several tests."""
+    out = tmp_path_factory.mktemp("gpu") / "run"
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "2", "--batch-size", "8"), env=os.environ | STRICT_FP32)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
+
+
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_one_process_trains_on_the_gpu(gpu_run: tuple[Path, str]) -> None:
+    out, stdout = gpu_run
+    assert "on 1 process(es), cuda, fp32" in stdout
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["samples"] > 0 and math.isfinite(metrics["loss"])
+    assert finite(weights(out))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@needs_two_gpus
+def test_two_processes_with_nccl_train_like_one_with_the_same_global_batch(
+    tiny_pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in STRICT_FP32.items():
+        monkeypatch.setenv(key, value)  # torchrun's environment is this process's
+    args = ["--set", "train.deterministic=true", *AUGMENTED]
+    one = run_cli(*train_args(tiny_pack, tmp_path / "one", *args, "--batch-size", "8"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*train_args(tiny_pack, tmp_path / "two", *args, "--batch-size", "4"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "on 2 process(es), cuda" in two.stdout  # a GPU per rank: the nccl backend
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    # Not bit-identical even so: each rank convolves 4 images where one process convolves 8 (other cuDNN
+    # kernels) and the gradients are summed in another order by the all-reduce.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+    one_metrics = json.loads((tmp_path / "one" / "test_metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
+    assert one_metrics["samples"] == two_metrics["samples"] > 0
+    assert one_metrics["auroc"] == pytest.approx(two_metrics["auroc"], abs=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize(
+    ("precision", "channels_last"),
+    [("fp16", False), ("bf16", False), ("fp32", True)],
+    ids=["fp16-gradscaler", "bf16", "fp32-channels_last"],
+)
+def test_precisions_and_channels_last_train_on_the_gpu(
+    tiny_pack: Path, tmp_path: Path, precision: str, channels_last: bool
+) -> None:
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip(f"gpu test: {torch.cuda.get_device_name()} has no bf16 (train.precision auto picks fp16 there)")
+    out = tmp_path / "run"
+    extra = ["--epochs", "1", "--precision", precision, "--model", "seed_cnn2", "--batch-size", "8"]
+    result = run_cli(*train_args(tiny_pack, out, *extra, "--set", f"model.channels_last={str(channels_last).lower()}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"cuda, {precision}" in result.stdout
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert set(METRIC_KEYS) <= metrics.keys() and math.isfinite(metrics["loss"])
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["config"]["model"]["channels_last"] is channels_last
+    assert finite(checkpoint["model"])  # fp16 overflow would have been skipped by the scaler, never stored
+    scaler = checkpoint["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # GradScaler only for fp16
+    if scaler:
+        assert math.isfinite(scaler["scale"]) and scaler["scale"] > 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_torch_compile_trains_on_the_gpu(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compiled"
+    result = run_cli(*train_args(tiny_pack, out, "--epochs", "1", "--batch-size", "8", "--set", "model.compile=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cuda, fp32" in result.stdout
+    state = load_checkpoint(out / "last.pt")["model"]
+    assert not any(key.startswith("_orig_mod") for key in state) and finite(state)  # plain weights
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_killed_gpu_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_path: Path) -> None:
+    # seed_cnn1 (conv, ReLU, max-pool, linear) has deterministic CUDA kernels for everything it runs, so
+    # train.deterministic makes the GPU run exactly repeatable and a resumed run bit-identical. (seed_cnn2
+    # could not run deterministic on CUDA: its bilinear upsampling has no deterministic backward.)
+    args = ["--batch-size", "8", "--set", "train.deterministic=true", *AUGMENTED]
+    reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args))
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert "cuda, fp32" in reference.stdout
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in process.stdout:  # kill -9 in the middle of the second epoch
+        if "epoch 2 batch 3/" in line:
+            process.kill()
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
+    resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "reference"), weights(out)
+    assert [key for key in a if not torch.equal(a[key], b[key])] == []
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_evaluation_on_the_gpu_agrees_with_the_cpu(gpu_run: tuple[Path, str], tiny_pack: Path, tmp_path: Path) -> None:
+    checkpoint = gpu_run[0] / "best.pt"  # trained with --precision fp32: both evaluate in fp32
+
+    def evaluate(out: Path, env: dict[str, str]) -> dict:
+        result = run_cli("evaluate", str(checkpoint), "--data", str(tiny_pack), "--out", str(out), env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads((out / "eval_test.json").read_text())
+
+    cpu = evaluate(tmp_path / "cpu", os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    gpu = evaluate(tmp_path / "gpu", os.environ | STRICT_FP32)
+    assert cpu["samples"] == gpu["samples"] > 0
+    for key in METRIC_KEYS:  # counts and threshold metrics equal; loss, AUROC and AP to float rounding
+        assert gpu[key] == pytest.approx(cpu[key], rel=1e-5, abs=1e-6), key
+    sources = cpu["per_source"]["sources"]
+    assert {s: (e["n"], pytest.approx(e["accuracy"], abs=1e-6)) for s, e in sources.items()} == {
+        s: (e["n"], e["accuracy"]) for s, e in gpu["per_source"]["sources"].items()
+    }
+
+
+def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(tmp_path: Path) -> None:
+    """``hpc/gpu_check.sh`` with CUDA hidden: exit 0, JSON with ``gpu`` null and every gpu test skipped."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_check.json"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(
+        ["bash", str(repo / "hpc" / "gpu_check.sh"), str(out)],
+        cwd=tmp_path,  # the script finds the repository itself; a relative JSON path is the caller's
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no GPU visible" in result.stdout
+    report = json.loads(out.read_text())
+    tests = report["tests"]
+    assert report["gpu"] is None and report["bench"] == {"skipped": "no GPU visible"}
+    assert tests["skipped"] >= 8 and tests["passed"] == tests["failed"] == tests["errors"] == 0
+    assert all("no CUDA GPU visible" in reason for reason in tests["skip_reasons"])
+    assert "SKIPPED" in result.stdout and "gpu test: no CUDA GPU visible" in result.stdout  # as pytest -rs lists
