@@ -61,8 +61,8 @@ def test_one_process_trains_on_the_gpu(gpu_run: tuple[Path, str]) -> None:
 
 
 @pytest.mark.gpu
-@needs_gpu
 @needs_two_gpus
+@needs_gpu  # evaluated first: without a GPU, that is the reason given
 def test_two_processes_with_nccl_train_like_one_with_the_same_global_batch(
     tiny_pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,6 +176,7 @@ def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(tmp_path:
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu_check.json"
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    env["GPU_CHECK_TESTS"] = "tests/test_gpu.py"  # collecting the whole suite only to deselect it takes ~10 s
     result = subprocess.run(
         ["bash", str(repo / "hpc" / "gpu_check.sh"), str(out)],
         cwd=tmp_path,  # the script finds the repository itself; a relative JSON path is the caller's

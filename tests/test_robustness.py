@@ -18,7 +18,8 @@ from aidetect.cli import main
 from aidetect.data.decode import decode_stored
 from aidetect.data.degrade import Perturbation, jpeg
 from aidetect.data.shards import build_loader, select_shards, tar_samples
-from aidetect.inference import DROP_KEYS, predict
+from aidetect.inference import predict
+from aidetect.robustness import DROP_KEYS
 
 PERTURB = ["--perturb", "none", "jpeg:50", "blur:2", "downscale:0.5"]
 

@@ -345,7 +345,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from aidetect.data.degrade import parse_perturbations
-    from aidetect.inference import evaluate, format_robustness
+    from aidetect.inference import evaluate
+    from aidetect.robustness import format_robustness
 
     perturbations = parse_perturbations(args.perturb or [])  # a bad value fails before any checkpoint is read
     metrics, report = evaluate(
