@@ -35,9 +35,9 @@ def close_quietly() -> None:
     """Tear wandb down now, ignoring errors, so that its exit hook has nothing left to fail on. Its service
     process shuts down on the SIGTERM SLURM sends to every process of a job step, and the hook would then
     print a traceback after our checkpoint line."""
-    import wandb
+    with contextlib.suppress(Exception):  # ImportError included: a failed import is what brought us here
+        import wandb
 
-    with contextlib.suppress(Exception):
         wandb.teardown()
 
 
