@@ -46,7 +46,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from aidetect.data.decode import decode_stored
 from aidetect.data.integrity import ShardProblem, bytes_problem, damaged, file_problem, manifest_problems
 from aidetect.data.packformat import CLASSES, FORMAT, MANIFEST
-from aidetect.data.threadloader import ThreadBatches
 from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
 from aidetect.errors import UserError
 from aidetect.preemption import ignore_stop_signals
@@ -232,20 +231,11 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, str]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.samples(self.plan(workers)[worker], self.epoch)
-
-    def plan(self, workers: int) -> list[list[range]]:
-        """Each of ``workers`` workers' batches still to come in the epoch, made in round-robin order."""
-        batches = self.batches()
-        return [worker_batches(batches, worker, workers) for worker in range(workers)]
-
-    def samples(self, batches: list[range], epoch: int) -> Iterator[tuple[torch.Tensor, int, str, str]]:
-        """(uint8 HWC image, label, key, source) of every position of ``batches``, in order: a pure function
-        of the arguments and the dataset's settings, whichever process or thread runs it."""
+        epoch = self.epoch
         order = epoch_order(self.shards, self.seed, epoch, shuffle=self.train)
         starts = list(itertools.accumulate((s.count for s in order), initial=0))
         loaded: dict[int, list[dict[str, Any]]] = {}
-        for batch in batches:
+        for batch in worker_batches(self.batches(), worker, workers):
             for position in batch:
                 index = bisect.bisect_right(starts, position) - 1
                 if index not in loaded:
@@ -384,32 +374,11 @@ def unreadable_tar(path: str, offset: int, detail: str) -> UserError:
     return damaged(path, f"unreadable at byte {offset}: {detail}").error()
 
 
-LOADERS = ("threads", "processes")  # the first is the default (README, "Data benchmark": measured faster)
-
-
 class ShardLoader:
-    """Batches of normalised images for one rank; ``set_epoch`` before iterating, as with DistributedSampler.
+    """Batches of normalised images for one rank; ``set_epoch`` before iterating, as with DistributedSampler."""
 
-    ``loader``: ``threads`` decodes in ``max(1, num_workers)`` threads of this process into reused batch
-    buffers (``aidetect.data.threadloader``); ``processes`` in ``num_workers`` DataLoader worker processes
-    (none: in this process). Both yield the same batches, bit for bit.
-    """
-
-    def __init__(
-        self,
-        dataset: ShardDataset,
-        *,
-        num_workers: int,
-        device: torch.device,
-        noise_std: float,
-        loader: str = LOADERS[0],
-    ) -> None:
+    def __init__(self, dataset: ShardDataset, *, num_workers: int, device: torch.device, noise_std: float) -> None:
         self.dataset, self.device, self.noise_std = dataset, device, noise_std
-        if loader not in LOADERS:
-            raise UserError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-        if loader == "threads":
-            self.loader: Iterable[Any] = ThreadBatches(dataset, threads=max(1, num_workers), pin=device.type == "cuda")
-            return
         # The workers are asked for explicitly; torch's "more workers than cores" hint is noise in job logs.
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         self.loader = DataLoader(
@@ -432,21 +401,14 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """Normalised batches on the device: uint8 crosses to the GPU (4x less than float) and is
         normalised there, as timm's prefetcher does."""
-        start = self.dataset.start_batch
-        for step, (images, labels, keys, sources) in enumerate(self.uint8_batches(), start=start):
-            images = images.to(self.device, non_blocking=True)
-            noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
-            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys), list(sources))
-
-    def uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
-        """(uint8 NHWC images, labels, keys, sources) per batch, on the CPU; a thread loader's images are
-        valid until the next batch is requested."""
-        if isinstance(self.loader, ThreadBatches):
-            return iter(self.loader)
         batches = iter(self.loader)
         if self.loader.num_workers:
             _worker_owners.add(batches)
-        return one_line_errors(batches)
+        start = self.dataset.start_batch
+        for step, (images, labels, keys, sources) in enumerate(one_line_errors(batches), start=start):
+            images = images.to(self.device, non_blocking=True)
+            noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
+            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys), list(sources))
 
     def noise(self, step: int, shape: torch.Size) -> torch.Tensor:
         """Noise for this rank's slice of global batch ``step``: the same however many ranks share it."""
@@ -501,7 +463,6 @@ def build_loader(
     accumulate: int = 1,
     keep: Callable[[dict[str, Any]], bool] | None = None,
     degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
-    loader: str = LOADERS[0],
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised.
 
@@ -530,6 +491,4 @@ def build_loader(
         accumulate=accumulate,
         degrade=degrade,
     )
-    return ShardLoader(
-        dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std, loader=loader
-    )
+    return ShardLoader(dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std)
