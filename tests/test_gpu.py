@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from test_train import AUGMENTED, torchrun, train_args, weights
+from test_train import AUGMENTED, kill_and_resume, torchrun, train_args, weights
 
 from aidetect.checkpoint import load_checkpoint
 from aidetect.metrics import METRIC_KEYS
@@ -131,23 +130,9 @@ def test_killed_gpu_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_pa
     # train.deterministic makes the GPU run exactly repeatable and a resumed run bit-identical. (seed_cnn2
     # could not run deterministic on CUDA: its bilinear upsampling has no deterministic backward.)
     args = ["--batch-size", "8", "--set", "train.deterministic=true", *AUGMENTED]
-    reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args))
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    reference, differing = kill_and_resume(tiny_pack, tmp_path, args)
     assert "cuda, fp32" in reference.stdout
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # kill -9 in the middle of the second epoch
-        if "epoch 2 batch 3/" in line:
-            process.kill()
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
-    resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = weights(tmp_path / "reference"), weights(out)
-    assert [key for key in a if not torch.equal(a[key], b[key])] == []
+    assert differing == []
 
 
 @pytest.mark.gpu
