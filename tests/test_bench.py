@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
 
 KEYS = (
@@ -30,6 +31,8 @@ def test_bench_data_measures_every_stage_and_writes_json(synth_dir: Path, tmp_pa
         assert figures["workers"] == 2 and figures["machine"]["cores"] >= 1
         assert "load / naive" in result.stdout and "floor img/s" in result.stdout
         assert "ms per image per worker" in result.stdout
+        gpu = torch.cuda.is_available()
+        assert (figures["load_gpu_decode_img_per_s"] is None) != gpu and ("no CUDA GPU here" in result.stdout) != gpu
     assert (tmp_path / "shards" / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench0.json", "bench1.json", "shards"]
 

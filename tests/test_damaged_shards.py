@@ -113,7 +113,7 @@ def test_unreadable_tar_and_image_name_the_shard(tiny_pack: Path, tmp_path: Path
             tar.addfile(info, io.BytesIO(data))
     data = garbage.read_bytes()
     shard = Shard(str(garbage), 1, len(data), hashlib.sha256(data).hexdigest())
-    dataset = ShardDataset([shard], batch_size=1, train=False, crop=None, seed=0, rank=0, world=1)
+    dataset = ShardDataset([shard], batch_size=1, train=False, side=64, seed=0, rank=0, world=1)
     expected = rf"{re.escape(str(garbage))}: damaged shard, sample k1 holds no decodable image; {re.escape(FIX)}"
     with pytest.raises(UserError, match=expected):
         next(iter(dataset))

@@ -1,7 +1,8 @@
 """The GPU paths, in real processes as a user starts them: one GPU and two with nccl, fp16 + GradScaler,
-bf16, channels_last, torch.compile, ``--resume auto`` after a SIGKILL, and evaluation on the GPU against
-the CPU. Marked ``gpu`` and skipped where no CUDA GPU is visible, each with its reason (``pytest -rs``
-lists them); ``bash hpc/gpu_check.sh`` runs them on a GPU node together with the benches.
+bf16, channels_last, torch.compile, ``--resume auto`` after a SIGKILL, evaluation on the GPU against the
+CPU, and JPEG decoding on the GPU against the workers'. Marked ``gpu`` and skipped where no CUDA GPU is
+visible, each with its reason (``pytest -rs`` lists them); ``bash hpc/gpu_check.sh`` runs them on a GPU
+node together with the benches.
 
 The last test is not marked ``gpu``: it runs that script on this machine with CUDA hidden.
 """
@@ -21,6 +22,7 @@ from conftest import run_cli
 from test_train import AUGMENTED, kill_and_resume, torchrun, train_args, weights
 
 from aidetect.checkpoint import load_checkpoint
+from aidetect.data import build_loader
 from aidetect.metrics import METRIC_KEYS
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -31,9 +33,6 @@ needs_two_gpus = pytest.mark.skipif(GPUS < 2, reason=f"gpu test: nccl with 2 pro
 # then differs from a CPU one by ~1e-3. Where a test compares numbers across devices or process counts it
 # turns TF32 off with cuBLAS/cuDNN's own switch, so that fp32 means fp32 and tolerances can be tight.
 STRICT_FP32 = {"NVIDIA_TF32_OVERRIDE": "0"}
-
-# A place for `data.decode: gpu` (nvJPEG decoding in the loader) once it exists: a run with it against the
-# same run decoding on the CPU.
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +153,30 @@ def test_evaluation_on_the_gpu_agrees_with_the_cpu(gpu_run: tuple[Path, str], ti
     assert {s: (e["n"], pytest.approx(e["accuracy"], abs=1e-6)) for s, e in sources.items()} == {
         s: (e["n"], e["accuracy"]) for s, e in gpu["per_source"]["sources"].items()
     }
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_decoding_agrees_with_the_workers_and_trains(tiny_pack: Path, tmp_path: Path) -> None:
+    """nvJPEG's inverse DCT and colour conversion are not libjpeg-turbo's, so pixels agree to about a level;
+    the crops and flips are the same windows (a wrong window or flip would differ by tens of levels)."""
+
+    def epoch(decode_on_device: bool) -> tuple[list[str], torch.Tensor]:
+        loader = build_loader(
+            tiny_pack, ["fold1"], batch_size=4, train=True, crop=24, device="cuda", decode_on_device=decode_on_device
+        )
+        loader.set_epoch(1)
+        batches = [(keys, images.cuda()) for images, _, keys, _ in loader.uint8_batches()]  # copies
+        return [key for keys, _ in batches for key in keys], torch.cat([images for _, images in batches])
+
+    (keys, cpu), (gpu_keys, gpu) = epoch(False), epoch(True)
+    assert gpu_keys == keys and gpu.device.type == "cuda"
+    difference = (gpu.float() - cpu.float()).abs()
+    print(f"GPU vs CPU decoding: mean {difference.mean():.3f}, max {difference.max():.0f} levels")
+    assert difference.mean() < 1.5
+    result = run_cli(*train_args(tiny_pack, tmp_path / "run", "--epochs", "1", "--set", "data.decode=gpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cuda" in result.stdout and finite(weights(tmp_path / "run"))
 
 
 def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(tmp_path: Path) -> None:

@@ -141,3 +141,38 @@ def test_missing_shard_unknown_split_and_tiny_split_are_clear_errors(packed_dir:
         build_loader(tmp_path / "nowhere", ["test"], batch_size=2, train=False)
     with pytest.raises(UserError, match="fewer than one global batch"):
         build_loader(packed_dir, ["test"], batch_size=512, train=True)
+
+
+def test_batches_are_written_in_place_and_an_abandoned_epoch_changes_nothing(packed_dir: Path) -> None:
+    loader = build_loader(packed_dir, ["fold1"], batch_size=4, train=False, num_workers=2)
+    buffers = loader.dataset.slots.images.untyped_storage().data_ptr()
+    seen = [(images.untyped_storage().data_ptr(), keys) for images, _, keys, _ in loader.uint8_batches()]
+    assert {pointer for pointer, _ in seen} == {buffers}  # every batch in the reused buffers: no allocation
+    whole = [keys for _, keys in seen]
+    abandoned = iter(loader)
+    assert next(abandoned).keys == whole[0]  # broken off, and still referenced
+    assert [batch.keys for batch in loader] == whole
+    # A process that exits in the middle of an epoch ends its workers and does not hang.
+    made = f"build_loader({str(packed_dir)!r}, ['fold1'], batch_size=2, train=False, num_workers=2)"
+    code = f"from aidetect.data import build_loader; next(iter({made}))"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_decoding_on_the_device_gives_the_workers_batches(packed_dir: Path) -> None:
+    """torchvision's CPU JPEG decoder is libjpeg-turbo, as OpenCV's in the workers: decoded on a CPU device
+    the batches are the workers', bit for bit, crops and flips included (a GPU's nvJPEG: test_gpu.py)."""
+    side = read_manifest(packed_dir)["settings"]["size"] - 8  # random crops: every window differs
+
+    def epoch(decode_on_device: bool) -> tuple[list[str], torch.Tensor]:
+        loader = build_loader(
+            packed_dir, ["fold1"], batch_size=4, train=True, crop=side, seed=3, decode_on_device=decode_on_device
+        )
+        loader.set_epoch(1)
+        batches = list(loader)
+        return [key for batch in batches for key in batch.keys], torch.cat([batch.images for batch in batches])
+
+    keys, images = epoch(False)
+    assert epoch(True)[0] == keys and torch.equal(epoch(True)[1], images)
+    blur = Augmentation(blur_prob=1.0, blur_sigma=(1.0, 1.0), jpeg_prob=0.0, jpeg_quality=(30, 100))
+    with pytest.raises(UserError, match="applies no blur"):
+        build_loader(packed_dir, ["fold1"], batch_size=4, train=True, degrade=blur, decode_on_device=True)

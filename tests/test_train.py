@@ -66,8 +66,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    for key in a:  # rounding differs (per-rank convolutions, all-reduce order) and Adam magnifies it, but
+        # stays under a tenth of one Adam step (lr 1e-3): a sample trained on by one run only would not.
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)
     one_metrics = json.loads((tmp_path / "one" / "test_metrics.json").read_text())
     two_metrics = json.loads((tmp_path / "two" / "test_metrics.json").read_text())
     assert one_metrics["samples"] == two_metrics["samples"] > 0
@@ -258,6 +259,13 @@ def test_bad_config_is_one_clear_line(tiny_pack: Path, tmp_path: Path, args: lis
     result = run_cli("train", "--data", str(tiny_pack), "--out", str(tmp_path / "r"), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_gpu_decoding_without_a_gpu_is_one_clear_line(tiny_pack: Path, tmp_path: Path) -> None:
+    result = run_cli(*train_args(tiny_pack, tmp_path / "r", "--set", "data.decode=gpu"))
+    assert result.returncode == 2 and "data.decode gpu needs a CUDA device" in result.stderr, result.stderr[-1000:]
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", bundled_configs())

@@ -27,6 +27,7 @@ class DataConfig:
     crop: int | None = None  # training/evaluation crop in px (default: the packed size)
     batch_size: int = 32  # per process
     workers: int = 4  # DataLoader workers per process
+    decode: str = "cpu"  # cpu: in the workers; gpu: in batches on the training GPU (nvJPEG), workers only read
     noise_std: float = 0.0  # Gaussian noise on [0, 1] images, training only
     # Training augmentation on the stored image, before the crop (aidetect.data.degrade.Augmentation):
     # CNNDetection's blur + JPEG recipe. Seeded per sample: resume and world-size invariance stay exact.
@@ -104,6 +105,7 @@ class Config:
 
 
 CHOICES = {
+    "data.decode": ("cpu", "gpu"),
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("multistep", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),

@@ -73,6 +73,8 @@ class Trainer:
         if config.data.holdout_source:
             check_holdout(config.data.shards, config.data.holdout_source)
         self.image_size = config.data.crop or self.manifest["settings"]["size"]
+        if config.data.decode == "gpu" and info.device.type != "cuda":
+            raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {info.device}: set cpu")
         self.precision = resolve_precision(config.train.precision, info.device)
         seed_everything(config.train.seed + info.rank, config.train.deterministic)
         self.splits = self.choose_splits()
@@ -118,6 +120,7 @@ class Trainer:
             accumulate=self.config.optim.accumulate if train else 1,
             keep=holdout_keep(data.holdout_source, split == "test") if data.holdout_source else None,
             degrade=augmentation(data) if train else None,
+            decode_on_device=data.decode == "gpu",
         )
 
     def resume(self) -> dict[str, Any]:

@@ -10,6 +10,9 @@ All figures come from one run on the same images with the same number of worker 
   the worst case of the ``forensic_resnet50`` ranges; at probability p each, the cost is p times this one's),
   and ``aug_cost_ms_per_img``, the time it adds per image in one worker process;
 - ``load_decode_floor_img_per_s``: only decoding the images stored in the shards (bytes already in memory);
+- with a CUDA GPU (else null): ``load_gpu_decode_img_per_s``, the loader with ``decode_on_device`` (workers
+  read, the GPU decodes each batch with nvJPEG and crops it), and ``gpu_decode_floor_img_per_s``, only
+  the GPU's batched decoding of the stored images;
 - ``naive_img_per_s``: the original project's pipeline, torchvision ImageFolder + PIL pad-to-square +
   Resize from the raw files with ``num_workers=0``.
 """
@@ -32,11 +35,11 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from aidetect.data.decode import decode_stored, reduced_decode_scale
+from aidetect.data.decode import decode_stored, decode_stored_batch, reduced_decode_scale
 from aidetect.data.degrade import Augmentation
 from aidetect.data.pack import PackSettings, pack, scan_source
 from aidetect.data.packformat import MANIFEST
-from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, select_shards
+from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, read_side, select_shards
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
 
@@ -74,6 +77,9 @@ def bench_data(
     stored = stored_images(shards)
     repeats = -(-min_images // len(stored))  # as many images as the loader measurement decodes
     results["load_decode_floor_img_per_s"] = floor_rate(decode_stored_floor, stored * repeats, workers)
+    gpu = torch.cuda.is_available()
+    results["load_gpu_decode_img_per_s"] = timed(device="cuda", decode_on_device=True) if gpu else None
+    results["gpu_decode_floor_img_per_s"] = gpu_decode_rate(stored * repeats, batch_size) if gpu else None
     results["naive_img_per_s"] = naive_rate(src, shards, settings.size, naive_limit)
     results["pack_vs_floor"] = results["pack_img_per_s"] / results["pack_decode_floor_img_per_s"]
     results["load_vs_floor"] = results["load_img_per_s"] / results["load_decode_floor_img_per_s"]
@@ -141,6 +147,18 @@ def decode_stored_floor(index: int) -> int:
     return decode_stored(_FLOOR_INPUTS[index]).shape[1]
 
 
+def gpu_decode_rate(stored: list[bytes], batch_size: int) -> float:
+    """Batched nvJPEG decoding of ``stored`` on the GPU (after one warm-up batch), and nothing else."""
+    device, keys = torch.device("cuda"), ["bench"] * batch_size
+    decode_stored_batch(stored[:batch_size], device, keys)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for start in range(0, len(stored), batch_size):
+        decode_stored_batch(stored[start : start + batch_size], device, keys)
+    torch.cuda.synchronize()
+    return len(stored) / (time.perf_counter() - started)
+
+
 def stored_images(shards: Path) -> list[bytes]:
     manifest = read_manifest(shards)
     urls = [{"url": str(shards / s["name"])} for s in manifest["shards"] if s["count"]]
@@ -155,6 +173,8 @@ def loader_rate(
     *,
     normalized: bool = False,
     degrade: Augmentation | None = None,
+    device: str = "cpu",
+    decode_on_device: bool = False,
 ) -> float:
     """Steady-state rate of the training loader over every split, with ``degrade`` applied to each image:
     shards to batched uint8 tensors ready to cross to the device or, ``normalized``, as a CPU training
@@ -166,16 +186,27 @@ def loader_rate(
     listed = select_shards(shards, list(read_manifest(shards)["splits"]))
     repeats = -(-min_images // sum(s.count for s in listed))
     dataset = ShardDataset(
-        listed * repeats, batch_size=batch_size, train=True, crop=None, seed=0, rank=0, world=1, degrade=degrade
+        listed * repeats,
+        batch_size=batch_size,
+        train=True,
+        side=read_side(shards, None),
+        seed=0,
+        rank=0,
+        world=1,
+        workers=workers,
+        degrade=degrade,
+        decode_on_device=decode_on_device,
     )
-    loader = ShardLoader(dataset, num_workers=workers, device=torch.device("cpu"), noise_std=0.0)
-    batches = loader if normalized else loader.loader
+    loader = ShardLoader(dataset, device=torch.device(device), noise_std=0.0)
+    epoch = loader.__iter__ if normalized else loader.uint8_batches
     loader.set_epoch(0)
-    for _ in batches:
+    for _ in epoch():
         pass
     loader.set_epoch(1)
     started = time.perf_counter()
-    images = sum(len(batch[0]) for batch in batches)
+    images = sum(len(batch[0]) for batch in epoch())
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - started)
 
 
@@ -201,7 +232,7 @@ def pad_to_square(image: Image.Image) -> Image.Image:
 def format_table(results: dict[str, Any]) -> str:
     rows = [
         ("pack", results["pack_img_per_s"], results["pack_decode_floor_img_per_s"], "pack_vs_floor", 0.7),
-        ("load", results["load_img_per_s"], results["load_decode_floor_img_per_s"], "load_vs_floor", 0.8),
+        ("load", results["load_img_per_s"], results["load_decode_floor_img_per_s"], "load_vs_floor", 0.9),
     ]
     lines = [f"{'stage':<8}{'img/s':>10}{'floor img/s':>14}{'ratio':>8}{'target':>8}"]
     for name, rate, floor, key, target in rows:
@@ -212,5 +243,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"load with blur + JPEG on every image: {results['load_aug_img_per_s']:.1f} img/s"
         f" ({results['aug_cost_ms_per_img']:+.2f} ms per image per worker)"
     )
+    if results["load_gpu_decode_img_per_s"] is None:
+        lines.append("load with decoding on the GPU: no CUDA GPU here")
+    else:
+        lines.append(
+            f"load with decoding on the GPU: {results['load_gpu_decode_img_per_s']:.1f} img/s"
+            f" (nvJPEG alone: {results['gpu_decode_floor_img_per_s']:.1f} img/s)"
+        )
     lines.append(f"load / naive = {results['load_vs_naive']:.1f}x (target >= 50x); workers = {results['workers']}")
     return "\n".join(lines)

@@ -18,9 +18,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from aidetect.data.fileinfo import file_facts
+from aidetect.errors import UserError
 
 # Our own pixel budget replaces PIL's decompression-bomb check (see check_pixel_budget).
 Image.MAX_IMAGE_PIXELS = None
@@ -189,6 +192,21 @@ def decode_stored(data: bytes) -> np.ndarray:
     """Decode an image stored in a shard to H x W x 3 RGB: libjpeg-turbo (or libpng) via OpenCV, the
     fastest decoder measured here, writing the HWC layout the loader keeps."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+
+
+def decode_stored_batch(stored: list[bytes], device: torch.device, keys: list[str]) -> list[torch.Tensor]:
+    """Decode a batch of stored JPEGs (samples ``keys``) to 3 x H x W RGB tensors on ``device``, in one call
+    of torchvision's decoder: nvJPEG on a CUDA device; on the CPU libjpeg-turbo, which decodes exactly as
+    ``decode_stored`` does. ``UserError`` naming the batch's first key when one is no JPEG."""
+    data = [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in stored]  # writable copies
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"a batch from sample {keys[0]} holds an image that decodes on no {device.type} JPEG decoder ({detail}); "
+            "decode on the CPU (data.decode cpu) to find its shard"
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

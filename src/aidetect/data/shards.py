@@ -13,9 +13,11 @@ whose length the manifest gives exactly. Then:
 
 A rank's batches go round-robin to its DataLoader workers, the order in which the DataLoader
 returns them, and augmentation is seeded per sample: what a rank yields depends on nothing but
-(seed, epoch, rank, world, batch size), not on the number of workers. Each worker holds one whole
-shard in memory at a time; workers and ranks on one node that read the same shard share the page
-cache, so a node reads each shard from a parallel file system about once per epoch.
+(seed, epoch, rank, world, batch size), not on the number of workers. A worker writes each batch
+straight into a reused shared-memory buffer (``aidetect.data.batchslots``). It reads a shard whole
+once per run, to check and index it, and after that only the images of its own batches; workers and
+ranks on one node share the page cache, so a node reads each shard from a parallel file system about
+once per epoch.
 
 Shards are checked against the manifest, since copies between file systems get truncated or
 corrupted: every selected shard's size when the loader is built, and a shard's sha256 the first time
@@ -30,23 +32,25 @@ import bisect
 import hashlib
 import itertools
 import json
+import os
 import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aidetect.data.decode import decode_stored
+from aidetect.data.batchslots import AHEAD, BatchSlots
+from aidetect.data.decode import decode_stored, decode_stored_batch
 from aidetect.data.integrity import ShardProblem, bytes_problem, damaged, file_problem, manifest_problems
 from aidetect.data.packformat import CLASSES, FORMAT, MANIFEST
-from aidetect.data.transforms import augment, center_crop_tensor, normalize_batch
+from aidetect.data.transforms import crop_flip_batch, crop_flip_draws, crop_flip_into, normalize_batch
 from aidetect.errors import UserError
 from aidetect.preemption import ignore_stop_signals
 
@@ -192,8 +196,23 @@ def worker_batches(batches: list[range], worker: int, workers: int) -> list[rang
 # Dataset (runs in DataLoader workers) and loader (runs in the training process)
 
 
+class Filled(NamedTuple):
+    """What a worker sends per batch: the images are in its ``made``-th batch buffer (``BatchSlots``)."""
+
+    worker: int
+    made: int
+    count: int
+    labels: torch.Tensor
+    keys: list[str]
+    sources: list[str]
+    stored: list[bytes] | None  # the stored JPEGs, when the training process decodes them on its device
+
+
 class ShardDataset(IterableDataset):
-    """Yields (uint8 HWC image, label, key, source) for this rank and worker; batching is the DataLoader's."""
+    """This rank's batches of ``side`` x ``side`` images: each is written into ``slots`` by the DataLoader
+    worker that makes it, which yields a ``Filled`` for it. ``workers``: the DataLoader's worker
+    processes (0: batches are made in the training process). ``decode_on_device``: the workers send
+    the stored images undecoded instead, for the training process to decode (``ShardLoader``)."""
 
     def __init__(
         self,
@@ -201,19 +220,22 @@ class ShardDataset(IterableDataset):
         *,
         batch_size: int,
         train: bool,
-        crop: int | None,
+        side: int,
         seed: int,
         rank: int,
         world: int,
+        workers: int = 0,
         accumulate: int = 1,
         degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+        decode_on_device: bool = False,
     ) -> None:
-        self.shards, self.batch_size, self.train, self.crop = shards, batch_size, train, crop
-        self.degrade = degrade
+        self.shards, self.batch_size, self.train, self.side = shards, batch_size, train, side
+        self.degrade, self.workers, self.decode_on_device = degrade, workers, decode_on_device
         self.seed, self.rank, self.world, self.accumulate = seed, rank, world, accumulate
         self.total = sum(s.count for s in shards)
         # (epoch, first batch) in shared memory: persistent DataLoader workers hold copies of this object.
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.slots = BatchSlots(max(1, workers), 0 if decode_on_device else batch_size, side)
 
     @property
     def epoch(self) -> int:
@@ -228,94 +250,155 @@ class ShardDataset(IterableDataset):
         batches = rank_batches(self.total, self.rank, self.world, self.batch_size, self.train, self.accumulate)
         return batches[self.start_batch :]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str, str]]:
+    def __iter__(self) -> Iterator[Filled]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self.epoch
+        epoch, iteration = self.epoch, int(self.slots.iteration)
+        batches = worker_batches(self.batches(), worker, workers)
+        samples = self.samples(batches, epoch)
+        for made, batch in enumerate(batches):
+            rows = [next(samples) for _ in batch]
+            stored = [data for _, data, _ in rows] if self.decode_on_device else None
+            if stored is None:
+                images = self.slots.claim(worker, made, iteration)
+                for row, (sample, data, path) in enumerate(rows):
+                    self.write(images[row], sample.key, data, epoch, path)
+            labels, keys, sources = zip(*((s.label, s.key, s.source) for s, _, _ in rows), strict=True)
+            yield Filled(worker, made, len(batch), torch.tensor(labels), list(keys), list(sources), stored)
+
+    def samples(self, batches: list[range], epoch: int) -> Iterator[tuple[StoredSample, bytes, str]]:
+        """(sample, its stored image's bytes, its shard's path) at each position of ``batches``, in order."""
         order = epoch_order(self.shards, self.seed, epoch, shuffle=self.train)
         starts = list(itertools.accumulate((s.count for s in order), initial=0))
-        loaded: dict[int, list[dict[str, Any]]] = {}
-        for batch in worker_batches(self.batches(), worker, workers):
-            for position in batch:
-                index = bisect.bisect_right(starts, position) - 1
-                if index not in loaded:
-                    loaded.clear()  # positions only grow: one shard in memory at a time
-                    samples = shard_samples(order[index])
-                    loaded[index] = [samples[i] for i in sample_permutation(order[index], self.seed, epoch, self.train)]
-                sample = loaded[index][position - starts[index]]
-                image = self.image(sample, epoch, order[index].path)
-                yield image, int(sample["cls"]), sample["__key__"], sample_source(sample)
+        index, samples, file = -1, [], None
+        try:
+            for position in itertools.chain.from_iterable(batches):
+                if position >= starts[index + 1]:  # positions only grow: one shard at a time
+                    index = bisect.bisect_right(starts, position) - 1
+                    chosen = shard_index(order[index])
+                    samples = [chosen[i] for i in sample_permutation(order[index], self.seed, epoch, self.train)]
+                    if file is not None:
+                        file.close()
+                    file = open(order[index].path, "rb")  # noqa: SIM115 (kept open across yields)
+                sample = samples[position - starts[index]]
+                yield sample, read_image(file, sample), order[index].path
+        finally:
+            if file is not None:
+                file.close()
 
-    def image(self, sample: dict[str, Any], epoch: int, path: str) -> torch.Tensor:
-        stored = sample.get("jpg", sample.get("png"))
-        pixels = decode_stored(stored) if stored else None
+    def write(self, out: np.ndarray, key: str, stored: bytes, epoch: int, path: str) -> None:
+        """Decode sample ``key``'s ``stored`` image into ``out``: degraded (seeded per sample), then cropped to
+        the side (random crop and flip, drawn from one hash of (seed, epoch, key), when training; else
+        centred)."""
+        pixels = decode_stored(stored)
         if pixels is None:
-            raise damaged(path, f"sample {sample['__key__']} holds no decodable image").error()
-        if self.degrade is not None:  # on the stored image, before the crop; seeded per sample like augment
-            pixels = self.degrade(pixels, np.random.default_rng(seeded("degrade", self.seed, epoch, sample["__key__"])))
-        image = torch.from_numpy(np.ascontiguousarray(pixels))
+            raise damaged(path, f"sample {key} holds no decodable image").error()
+        height, width = pixels.shape[:2]
+        if min(height, width) < self.side:
+            raise damaged(path, f"sample {key} is {width}x{height} px, under the {self.side} px it is read at").error()
+        if self.degrade is not None:  # on the stored image, before the crop
+            pixels = self.degrade(pixels, np.random.default_rng(seeded("degrade", self.seed, epoch, key)))
+        crop_flip_into(out, pixels, *self.window(key, epoch, height, width))
+
+    def window(self, key: str, epoch: int, height: int, width: int) -> tuple[int, int, bool]:
+        """(top, left, flip) of sample ``key``'s side x side crop: drawn from one hash of (seed, epoch, key)
+        when training, else centred and not flipped."""
         if self.train:
-            generator = torch.Generator().manual_seed(seeded("augment", self.seed, epoch, sample["__key__"]))
-            return augment(image, self.crop or image.shape[0], generator)
-        return center_crop_tensor(image, self.crop) if self.crop else image
+            return crop_flip_draws(height, width, self.side, seeded("augment", self.seed, epoch, key))
+        return (height - self.side) // 2, (width - self.side) // 2, False
 
 
-def sample_source(sample: dict[str, Any]) -> str:
-    """The source pack recorded in the sample's ``.json`` (older packs: its class name)."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return meta.get("source") or next(name for name, label in CLASSES.items() if label == int(sample["cls"]))
+class StoredSample(NamedTuple):
+    """A sample as a loader worker needs it: its label and source, and where its stored image lies."""
+
+    key: str
+    label: int
+    source: str
+    offset: int  # of the image's bytes in the shard file
+    size: int
 
 
-_verified: set[str] = set()  # shards whose sha256 this process has checked (persistent workers: once per run)
+# Each shard's samples, per process: a worker reads, hashes and parses a shard the first time it needs it
+# (persistent workers: once per run), and after that reads only the images of its own batches.
+_indexes: dict[str, list[StoredSample]] = {}
 
 
-def read_shard(shard: Shard) -> bytes:
-    """The bytes of ``shard``, checked against its manifest entry: the size at every read (free) and the
-    sha256 the first time this process reads it, so each worker hashes a shard once per run, not per
-    epoch. Raises ``UserError`` naming the shard when either differs."""
-    with open(shard.path, "rb") as f:
-        data = f.read()
-    problem = bytes_problem(shard.path, data, shard.bytes, None if shard.path in _verified else shard.sha256)
-    if problem:
+def shard_index(shard: Shard) -> list[StoredSample]:
+    """The selected samples of ``shard``, checked against its manifest entry: its size at every call (a
+    stat) and, the first time this process asks, its sha256 and sample count. ``UserError`` naming the
+    shard when any differs or it is no shard of ours."""
+    index = _indexes.get(shard.path)
+    if index is None:
+        with open(shard.path, "rb") as f:
+            data = f.read()
+        problem = bytes_problem(shard.path, data, shard.bytes, shard.sha256)
+        if problem:
+            raise problem.error()
+        index = index_samples(shard.path, data)
+        if len(index) != shard.stored:
+            raise damaged(shard.path, f"{len(index)} samples where the manifest records {shard.stored}").error()
+        _indexes[shard.path] = index
+    elif problem := file_problem(Path(shard.path), shard.bytes):
         raise problem.error()
-    _verified.add(shard.path)
-    return data
+    return index if shard.keep is None else [index[i] for i in shard.keep]
 
 
-def shard_samples(shard: Shard) -> list[dict[str, Any]]:
-    """The selected samples of a checked shard, which holds as many as the manifest records."""
-    samples = list(tar_samples(shard.path, read_shard(shard)))
-    if len(samples) != shard.stored:
-        raise damaged(shard.path, f"{len(samples)} samples where the manifest records {shard.stored}").error()
-    return samples if shard.keep is None else [samples[i] for i in shard.keep]
+def index_samples(path: str, data: bytes) -> list[StoredSample]:
+    """Every sample of a shard's bytes ``data``, in file order."""
+    view = memoryview(data)
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    for key, extension, offset, size in tar_members(path, view):
+        members.setdefault(key, {})[extension] = (offset, size)
+    return [stored_sample(path, view, key, found) for key, found in members.items()]
 
 
-def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one of our shards (``data``: its bytes, when already read): members grouped by key,
-    WebDataset's convention. Raises ``UserError`` naming the shard when it is not such an archive, whole.
+def stored_sample(path: str, view: memoryview, key: str, found: dict[str, tuple[int, int]]) -> StoredSample:
+    image, label, record = found.get("jpg", found.get("png")), found.get("cls"), found.get("json")
+    if image is None or label is None:
+        raise damaged(path, f"sample {key} holds no {'image' if image is None else 'class label'}").error()
+    try:
+        cls = int(bytes(view[label[0] : label[0] + label[1]]))
+        meta = json.loads(bytes(view[record[0] : record[0] + record[1]])) if record else {}
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+        raise damaged(path, f"sample {key} holds an unreadable class label or record").error() from None
+    # Packs made before sources were recorded: the class name.
+    source = meta.get("source") or next((name for name, value in CLASSES.items() if value == cls), str(cls))
+    return StoredSample(key, cls, source, *image)
+
+
+def tar_members(path: str, view: memoryview) -> Iterator[tuple[str, str, int, int]]:
+    """(key, extension, offset of its bytes, size) of each member of one of our shards, whose bytes are
+    ``view``. Raises ``UserError`` naming the shard when it is not such an archive, whole.
 
     Our shards are plain USTAR archives that we wrote, so their 512-byte headers can be read at fixed
     offsets. Python's tarfile module spends ~0.2 ms per sample parsing the same headers, a third of
     a loader worker's time (measured); plain ``webdataset`` still reads these files as they are.
     """
-    if data is None:
-        with open(path, "rb") as f:
-            data = f.read()
-    view = memoryview(data)
-    sample: dict[str, Any] = {}
     offset = 0
     while offset + 512 <= len(view) and any(view[offset : offset + 512]):
         key, extension, size = member_header(path, view[offset : offset + 512], offset)
         if offset + 512 + size > len(view):
             raise unreadable_tar(path, offset, f"member {key}.{extension} runs past the end of the file")
+        yield key, extension, offset + 512, size
+        offset += 512 + -(-size // 512) * 512
+    if offset + 512 > len(view):  # a whole archive ends with zero blocks: this one was cut short
+        raise unreadable_tar(path, offset, "no end-of-archive marker")
+
+
+def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]]:
+    """Samples of one of our shards (``data``: its bytes, when already read): members grouped by key,
+    WebDataset's convention, as {"__key__": key, extension: bytes, ...}."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    view = memoryview(data)
+    sample: dict[str, Any] = {}
+    for key, extension, offset, size in tar_members(path, view):
         if sample and key != sample["__key__"]:
             yield sample
             sample = {}
         sample["__key__"] = key
-        sample[extension] = bytes(view[offset + 512 : offset + 512 + size])
-        offset += 512 + -(-size // 512) * 512
-    if offset + 512 > len(view):  # a whole archive ends with zero blocks: this one was cut short
-        raise unreadable_tar(path, offset, "no end-of-archive marker")
+        sample[extension] = bytes(view[offset : offset + size])
     if sample:
         yield sample
 
@@ -374,20 +457,33 @@ def unreadable_tar(path: str, offset: int, detail: str) -> UserError:
     return damaged(path, f"unreadable at byte {offset}: {detail}").error()
 
 
+def as_made(filled: Filled) -> Filled:
+    """The DataLoader's collate function: a ``Filled`` needs no conversion (default_convert walks every key)."""
+    return filled
+
+
+def read_image(file: BinaryIO, sample: StoredSample) -> bytes:
+    """The stored image's bytes of ``sample``, read alone from its open shard ``file``."""
+    data = os.pread(file.fileno(), sample.size, sample.offset)
+    if len(data) != sample.size:
+        raise damaged(file.name, f"it ends inside sample {sample.key}").error()
+    return data
+
+
 class ShardLoader:
     """Batches of normalised images for one rank; ``set_epoch`` before iterating, as with DistributedSampler."""
 
-    def __init__(self, dataset: ShardDataset, *, num_workers: int, device: torch.device, noise_std: float) -> None:
+    def __init__(self, dataset: ShardDataset, *, device: torch.device, noise_std: float) -> None:
         self.dataset, self.device, self.noise_std = dataset, device, noise_std
         # The workers are asked for explicitly; torch's "more workers than cores" hint is noise in job logs.
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         self.loader = DataLoader(
             dataset,
-            batch_size=dataset.batch_size,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            prefetch_factor=4 if num_workers else None,
-            persistent_workers=num_workers > 0,  # no fork and warm-up per epoch
+            batch_size=None,  # the dataset makes whole batches, in its reused buffers
+            collate_fn=as_made,
+            num_workers=dataset.workers,
+            prefetch_factor=AHEAD if dataset.workers else None,
+            persistent_workers=dataset.workers > 0,  # no fork and warm-up per epoch
             worker_init_fn=ignore_stop_signals,  # the training process decides when its workers end
         )
 
@@ -401,14 +497,44 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         """Normalised batches on the device: uint8 crosses to the GPU (4x less than float) and is
         normalised there, as timm's prefetcher does."""
+        start = self.dataset.start_batch
+        for step, (images, labels, keys, sources) in enumerate(self.uint8_batches(), start=start):
+            # From the (pageable) batch buffer, the copy has read it when .to() returns: it may be reused.
+            images = images.to(self.device, non_blocking=True)
+            noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
+            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), keys, sources)
+
+    def uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
+        """(uint8 N x H x W x 3 images, labels, keys, sources) per batch, on the CPU. The images are a view
+        of a reused buffer, valid until the next batch is requested."""
+        slots = self.dataset.slots
+        iteration = slots.start()
         batches = iter(self.loader)
         if self.loader.num_workers:
             _worker_owners.add(batches)
-        start = self.dataset.start_batch
-        for step, (images, labels, keys, sources) in enumerate(one_line_errors(batches), start=start):
-            images = images.to(self.device, non_blocking=True)
-            noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
-            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), list(keys), list(sources))
+        try:
+            for filled in one_line_errors(batches):
+                if filled.stored is None:
+                    images = slots.batch(filled.worker, filled.made, filled.count)
+                else:
+                    images = self.decoded(filled)
+                yield images, filled.labels, filled.keys, filled.sources
+                slots.release(filled.worker)
+        finally:  # broken off (an error, a break): no worker may wait for a release that will not come
+            slots.end(iteration)
+
+    def decoded(self, filled: Filled) -> torch.Tensor:
+        """A batch the workers sent undecoded, decoded on this loader's device, then cropped and flipped as
+        the workers would have (the same windows, from the same per-sample hash)."""
+        d = self.dataset
+        images = decode_stored_batch(filled.stored, self.device, filled.keys)
+        windows = []
+        for image, key in zip(images, filled.keys, strict=True):
+            height, width = image.shape[1:]
+            if min(height, width) < d.side:
+                raise UserError(f"sample {key} is {width}x{height} px, under the {d.side} px it is read at; repack")
+            windows.append(d.window(key, d.epoch, height, width))
+        return crop_flip_batch(images, windows, d.side)
 
     def noise(self, step: int, shape: torch.Size) -> torch.Tensor:
         """Noise for this rank's slice of global batch ``step``: the same however many ranks share it."""
@@ -428,7 +554,10 @@ _worker_owners: weakref.WeakSet[Any] = weakref.WeakSet()
 @atexit.register  # registered after torch's exit hooks, so it runs before them, while shutdown still works
 def end_workers() -> None:
     for iterator in list(_worker_owners):
-        iterator._shutdown_workers()  # what the iterator's __del__ does
+        iterator._shutdown_workers()  # what the iterator's __del__ does: it asks, waits, then sends SIGTERM
+        for worker in iterator._workers:
+            if worker.is_alive():  # still busy after torch's wait, and stop signals are ignored: kill it
+                worker.kill()
 
 
 def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
@@ -447,6 +576,14 @@ def one_line_errors(batches: Iterable[Any]) -> Iterator[Any]:
         raise UserError(lines[-1].partition(": ")[2]) from None
 
 
+def read_side(shard_dir: str | Path, crop: int | None) -> int:
+    """The side of the square images a loader yields: ``crop``, or the pack's stored size without one."""
+    size = read_manifest(shard_dir)["settings"]["size"]
+    if crop is not None and not 0 < crop <= size:
+        raise UserError(f"crop {crop} px does not fit the {size} px images of {shard_dir}; set data.crop <= {size}")
+    return crop or size
+
+
 def build_loader(
     shard_dir: str | Path,
     splits: list[str],
@@ -463,13 +600,18 @@ def build_loader(
     accumulate: int = 1,
     keep: Callable[[dict[str, Any]], bool] | None = None,
     degrade: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
+    decode_on_device: bool = False,
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised.
 
     ``keep``: a predicate on each sample's ``.json`` record selecting the samples used (e.g. all but one
     source). ``degrade(pixels, rng)``: applied in the workers to each decoded stored image before the crop,
     with a generator seeded by (seed, epoch, sample key), so its draws depend on nothing else
-    (``aidetect.data.degrade``: training augmentation, evaluation perturbations)."""
+    (``aidetect.data.degrade``: training augmentation, evaluation perturbations). ``decode_on_device``:
+    the stored JPEGs are decoded in batches on ``device`` (nvJPEG on a GPU) instead of in the workers,
+    with the same crops and flips; no ``degrade`` then."""
+    if decode_on_device:
+        check_device_decode(shard_dir, degrade)
     if rank is None or world is None:
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -484,11 +626,22 @@ def build_loader(
         shards,
         batch_size=batch_size,
         train=train,
-        crop=crop,
+        side=read_side(shard_dir, crop),
         seed=seed,
         rank=rank,
         world=world,
+        workers=num_workers,
         accumulate=accumulate,
         degrade=degrade,
+        decode_on_device=decode_on_device,
     )
-    return ShardLoader(dataset, num_workers=num_workers, device=torch.device(device), noise_std=noise_std)
+    return ShardLoader(dataset, device=torch.device(device), noise_std=noise_std)
+
+
+def check_device_decode(shard_dir: str | Path, degrade: Callable[..., Any] | None) -> None:
+    """``UserError`` unless batches of ``shard_dir`` can be decoded on the device: JPEGs, nothing to degrade."""
+    codec = read_manifest(shard_dir)["settings"]["codec"]
+    if codec != "jpeg":
+        raise UserError(f"{shard_dir} stores {codec} images; data.decode gpu decodes JPEG packs only: use cpu")
+    if degrade is not None:
+        raise UserError("data.decode gpu applies no blur, JPEG or other degradation: set data.decode cpu for them")

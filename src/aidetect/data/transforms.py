@@ -1,9 +1,9 @@
 """Image transforms: the preprocessing recorded in a pack, and the loader's augmentation and normalisation.
 
-Preprocessing (pack time and ``predict``) works on H x W x 3 uint8 numpy arrays; augmentation (loader
-workers) on H x W x 3 uint8 tensors: that is the layout the JPEG decoder writes, so no sample is ever
-transposed, and the collated N x H x W x 3 batch becomes an NCHW view in channels_last memory format,
-the layout convolutions run fastest in. Normalisation to float happens once per batch, on the device.
+Preprocessing (pack time and ``predict``) and augmentation (loader workers) work on H x W x 3 uint8
+numpy arrays: that is the layout the JPEG decoder writes, so no sample is ever transposed, and the
+N x H x W x 3 batch becomes an NCHW view in channels_last memory format, the layout convolutions run
+fastest in. Normalisation to float happens once per batch, on the device.
 """
 
 from __future__ import annotations
@@ -64,22 +64,34 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(pixels[top : top + size, left : left + size])
 
 
-def augment(image: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
-    """Training augmentation on a uint8 HWC tensor: random crop of ``crop`` px and horizontal flip."""
-    height, width, _ = image.shape
-    top = int(torch.randint(0, height - crop + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - crop + 1, (1,), generator=generator))
-    image = image[top : top + crop, left : left + crop]
-    if torch.rand(1, generator=generator).item() < 0.5:
-        image = image.flip(1)
-    return image.contiguous()
+def crop_flip_draws(height: int, width: int, side: int, draw: int) -> tuple[int, int, bool]:
+    """Training augmentation's choices for a height x width image: the top and left of a random ``side`` px
+    crop and whether to mirror it, read as mixed-radix digits of ``draw``, a uniform 64-bit number (one
+    hash per sample; the bias of the modulo is below 2^-40 for any image a pack stores)."""
+    rows, cols = height - side + 1, width - side + 1
+    top, draw = draw % rows, draw // rows
+    left, draw = draw % cols, draw // cols
+    return top, left, bool(draw % 2)
 
 
-def center_crop_tensor(image: torch.Tensor, crop: int) -> torch.Tensor:
-    """Centre crop of a uint8 HWC tensor (evaluation)."""
-    height, width, _ = image.shape
-    top, left = (height - crop) // 2, (width - crop) // 2
-    return image[top : top + crop, left : left + crop].contiguous()
+def crop_flip_into(out: np.ndarray, pixels: np.ndarray, top: int, left: int, flip: bool) -> None:
+    """Write ``pixels``' window of ``out``'s size at (top, left), mirrored left-right when ``flip``, into
+    ``out`` (a row of a batch buffer): crop, flip and batching are one pass over the pixels."""
+    window = pixels[top : top + out.shape[0], left : left + out.shape[1]]
+    if flip:
+        cv2.flip(window, 1, dst=out)
+    else:
+        np.copyto(out, window)
+
+
+def crop_flip_batch(images: list[torch.Tensor], windows: list[tuple[int, int, bool]], side: int) -> torch.Tensor:
+    """N x side x side x 3 uint8 batch on the images' device from 3 x H x W images, each cut at its
+    (top, left, flip) window: what ``crop_flip_into`` writes, for images decoded on a device."""
+    batch = torch.empty((len(images), side, side, 3), dtype=torch.uint8, device=images[0].device)
+    for row, (image, (top, left, flip)) in enumerate(zip(images, windows, strict=True)):
+        window = image[:, top : top + side, left : left + side]
+        batch[row] = (window.flip(2) if flip else window).permute(1, 2, 0)
+    return batch
 
 
 def normalize_batch(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
