@@ -141,6 +141,8 @@ def test_missing_shard_unknown_split_and_tiny_split_are_clear_errors(packed_dir:
         build_loader(tmp_path / "nowhere", ["test"], batch_size=2, train=False)
     with pytest.raises(UserError, match="fewer than one global batch"):
         build_loader(packed_dir, ["test"], batch_size=512, train=True)
+    with pytest.raises(UserError, match=r"crop 999 px does not fit the \d+ px images .* set data.crop <="):
+        build_loader(packed_dir, ["test"], batch_size=2, train=False, crop=999)
 
 
 def test_batches_are_written_in_place_and_an_abandoned_epoch_changes_nothing(packed_dir: Path) -> None:
