@@ -320,14 +320,15 @@ class StoredSample(NamedTuple):
 
 # Each shard's samples, per process: a worker reads, hashes and parses a shard the first time it needs it
 # (persistent workers: once per run), and after that reads only the images of its own batches.
-_indexes: dict[str, list[StoredSample]] = {}
+# Keyed by (path, sha256): a pack written anew at the same path is read anew.
+_indexes: dict[tuple[str, str], list[StoredSample]] = {}
 
 
 def shard_index(shard: Shard) -> list[StoredSample]:
     """The selected samples of ``shard``, checked against its manifest entry: its size at every call (a
     stat) and, the first time this process asks, its sha256 and sample count. ``UserError`` naming the
     shard when any differs or it is no shard of ours."""
-    index = _indexes.get(shard.path)
+    index = _indexes.get((shard.path, shard.sha256))
     if index is None:
         with open(shard.path, "rb") as f:
             data = f.read()
@@ -337,7 +338,7 @@ def shard_index(shard: Shard) -> list[StoredSample]:
         index = index_samples(shard.path, data)
         if len(index) != shard.stored:
             raise damaged(shard.path, f"{len(index)} samples where the manifest records {shard.stored}").error()
-        _indexes[shard.path] = index
+        _indexes[shard.path, shard.sha256] = index
     elif problem := file_problem(Path(shard.path), shard.bytes):
         raise problem.error()
     return index if shard.keep is None else [index[i] for i in shard.keep]
