@@ -23,7 +23,6 @@ from test_slurm import (
     options,
     release,
     sacct_field,
-    state,
     submit,
     wait_for,
     wait_for_line,
@@ -60,7 +59,8 @@ def test_submit_train_on_the_cluster_matches_a_direct_run(tiny_pack: Path, tmp_p
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     jobs = json.loads((run / "jobs.json").read_text())
     assert jobs["kind"] == "train" and jobs["sbatch"].startswith("sbatch ") and Path(jobs["jobs"][0]["stdout"]).exists()
-    assert state(jobs["jobs"][0]["job_id"]) == "COMPLETED"
+    # --wait returns once submitit has the job's result, which can be before SLURM records the job's end.
+    assert wait_for(jobs["jobs"][0]["job_id"], {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
     a, b = weights(tmp_path / "direct"), weights(run)
     assert all(torch.equal(a[key], b[key]) for key in a)
     shown = run_cli("status", str(run))
