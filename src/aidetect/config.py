@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from aidetect.errors import UserError
+from aidetect.hardware import DEVICES, PRECISIONS
 
 
 @dataclass
@@ -70,7 +71,8 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 at compute capability >= 8.0, fp16 below, CPU fp32)
+    device: str = "auto"  # auto | cuda | cpu (auto: cuda when the job was given GPUs or one is usable)
     seed: int = 0
     deterministic: bool = False
     out: str = "runs/train"
@@ -108,7 +110,8 @@ CHOICES = {
     "data.decode": ("cpu", "gpu"),
     "optim.name": ("adam", "adamw", "sgd"),
     "schedule.name": ("multistep", "cosine", "constant"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision": PRECISIONS,
+    "train.device": DEVICES,
     "train.best_metric": ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ap", "loss"),
     "wandb.mode": ("online", "offline", "disabled", None),
 }

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from aidetect.cuda_builds import check_visible_gpus
 from aidetect.errors import UserError
+from aidetect.hardware import choose_device, cuda_facts
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,15 @@ def slurm_rendezvous() -> None:
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
-def setup_distributed(timeout_s: int) -> DistInfo:
-    """Join the process group (when there is more than one process); ``timeout_s`` bounds every collective."""
+def setup_distributed(timeout_s: int, device: str = "auto") -> DistInfo:
+    """Join the process group (when there is more than one process); ``timeout_s`` bounds every collective.
+    ``device``: ``train.device`` (``aidetect.hardware.choose_device``: a GPU job whose CUDA cannot run stops
+    here with one line naming the cause)."""
     rank, world, local_rank = environment_ranks()
     problems = check_visible_gpus()
     if problems:  # now, as one line, rather than a CUDA error at the first kernel
         raise UserError(problems[0])
-    if torch.cuda.is_available():
+    if choose_device(device, cuda_facts()) == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:

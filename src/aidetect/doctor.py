@@ -22,7 +22,7 @@ import aidetect
 from aidetect.cluster.profiles import Profile
 from aidetect.cuda_builds import check_visible_gpus
 from aidetect.distributed import all_gather_objects, cleanup_distributed, environment_ranks, setup_distributed
-from aidetect.engine import resolve_precision
+from aidetect.hardware import resolve_precision
 
 ALLREDUCE_BYTES = 32 * 2**20
 ALLREDUCE_TIMEOUT_S = 60

@@ -15,20 +15,12 @@ from aidetect.data.shards import ShardLoader
 from aidetect.metrics import Predictions
 from aidetect.preemption import Stopped, StopRequest
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that support it, fp16 (+ GradScaler) on those that do not (V100), fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
+    """Mixed precision for a resolved precision (``aidetect.hardware.resolve_precision``); none for fp32."""
+    dtype = AUTOCAST_DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 

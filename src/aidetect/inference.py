@@ -33,9 +33,9 @@ from aidetect.data.shards import build_loader, holdout_keep, read_manifest
 from aidetect.data.transforms import center_crop, normalize_batch
 from aidetect.distributed import cleanup_distributed, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
-from aidetect.engine import resolve_precision
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
+from aidetect.hardware import resolve_precision
 from aidetect.metrics import Predictions, compute_metrics
 from aidetect.models import build_model
 from aidetect.preemption import StopRequest

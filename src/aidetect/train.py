@@ -33,9 +33,10 @@ from aidetect.config import Config, DataConfig, save_config, to_dict, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.shards import build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from aidetect.engine import EpochResult, Stepper, evaluate, resolve_precision, stop_agreed, train_one_epoch
+from aidetect.engine import EpochResult, Stepper, evaluate, stop_agreed, train_one_epoch
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
+from aidetect.hardware import resolve_precision
 from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
@@ -57,7 +58,7 @@ def train(config: Config) -> dict[str, Any]:
     """Run the configured training; returns the test metrics of the best checkpoint. Raises ``Stopped``
     after saving ``last.pt`` when a stop signal arrived (see ``aidetect.preemption``)."""
     validate(config)
-    info = setup_distributed(config.train.dist_timeout_s)
+    info = setup_distributed(config.train.dist_timeout_s, config.train.device)
     try:
         with StopRequest() as stop:
             return Trainer(config, info, stop).run()

@@ -18,8 +18,9 @@ from torch import nn
 
 from aidetect.bench.data import machine
 from aidetect.data.shards import Batch
-from aidetect.engine import Stepper, autocast, resolve_precision, train_one_epoch
+from aidetect.engine import Stepper, autocast, train_one_epoch
 from aidetect.fileio import atomic_write_json
+from aidetect.hardware import resolve_precision
 from aidetect.models import build_model
 
 
