@@ -1,25 +1,37 @@
 """Shards damaged by a copy (truncated, or flipped bytes): one clear line, never a traceback or silent
-garbage; ``verify_shards`` finds them and re-running pack restores them byte-identically."""
+garbage; ``verify_shards`` finds them and re-running pack restores them byte-identically. Shards whose
+manifest entry matches but whose tar headers or samples are malformed (hostile, or written by another
+tool): the same one line from every reader, never an endless loop."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
+from aidetect.data.pack import encode
 from aidetect.data.shards import (
     Shard,
     ShardDataset,
     epoch_order,
     fold_splits,
     read_manifest,
+    sample_records,
     select_shards,
+    shard_records,
     tar_samples,
     verify_shards,
 )
@@ -106,14 +118,133 @@ def test_unreadable_tar_and_image_name_the_shard(tiny_pack: Path, tmp_path: Path
         list(tar_samples("renamed.tar", bytes(renamed)))
 
     garbage = tmp_path / "garbage.tar"
-    with tarfile.open(garbage, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in (("k1.jpg", b"\xff\xd8 not a jpeg"), ("k1.cls", b"1")):
+    write_tar(garbage, {"k1.jpg": b"\xff\xd8 not a jpeg", "k1.cls": b"1"})
+    expected = rf"{re.escape(str(garbage))}: damaged shard, sample k1 holds no decodable image; {re.escape(FIX)}"
+    with pytest.raises(UserError, match=expected):
+        first_batch(garbage)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Malformed headers in shards whose manifest entry matches them: only the parser can see the damage
+
+SIZE, MTIME = 124, 136  # offsets of a USTAR header's size and mtime fields (12 bytes each)
+HEADER_DAMAGE = {
+    "negative size": (SIZE, b"-0000001750\0", True, r"size field b'-0000001750\\x00' is no octal number"),
+    "base-256 size": (SIZE, b"\x80" + (1000).to_bytes(11, "big"), True, r"size field b'\\x80.*' is no octal number"),
+    "non-octal size": (SIZE, b"00000001789\0", True, r"size field b'00000001789\\x00' is no octal number"),
+    "size past the end": (
+        SIZE,
+        b"%011o\0" % 100_000,
+        True,
+        r"runs past the end of the file \(100000 bytes, \d+ left\)",
+    ),
+    "absurd size": (SIZE, b"77777777777\0", True, r"runs past the end of the file \(8589934591 bytes"),
+    "bad checksum": (MTIME, b"00000000001\0", False, r"a corrupted member header \(its checksum does not match\)"),
+}
+
+
+def damage_first_header(pack: Path, shard: Path, offset: int, value: bytes, checksum: bool) -> None:
+    """Write ``value`` at ``offset`` of the shard's first member header, its checksum recomputed (as tar
+    would) when ``checksum``, and the shard's new size and sha256 into the manifest: the size and hash
+    checks pass, only the tar parser can tell."""
+    data = bytearray(shard.read_bytes())
+    data[offset : offset + len(value)] = value
+    if checksum:
+        data[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(data[:512]))[0]
+    shard.write_bytes(data)
+    rehash(pack, shard)
+
+
+def rehash(pack: Path, shard: Path) -> None:
+    """Record ``shard``'s present size and sha256 in the manifest of ``pack``."""
+    manifest = read_manifest(pack)
+    entry = next(e for e in manifest["shards"] if e["name"] == shard.name)
+    data = shard.read_bytes()
+    entry |= {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """A call still running after ``seconds`` raises TimeoutError: an endless loop fails the test, not hangs it."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def first_batch(shard: Path) -> None:
+    """What a loader worker does first with ``shard``: check it against its bytes, index it, read a batch."""
+    data = shard.read_bytes()
+    one = Shard(str(shard), 1, len(data), hashlib.sha256(data).hexdigest())
+    next(iter(ShardDataset([one], batch_size=1, train=False, side=16, seed=0, rank=0, world=1)))
+
+
+@pytest.mark.parametrize("damage", HEADER_DAMAGE.values(), ids=HEADER_DAMAGE.keys())
+def test_a_malformed_header_is_one_line_from_every_reader(tiny_pack: Path, tmp_path: Path, damage) -> None:
+    offset, value, checksum, detail = damage
+    pack = copy_pack(tiny_pack, tmp_path)
+    shard = first_train_shard(pack)
+    damage_first_header(pack, shard, offset, value, checksum)
+    expected = rf"^{re.escape(str(shard))}: damaged shard, unreadable at byte 0: .*{detail}.*; {re.escape(FIX)}"
+    readers = {
+        "pack records": lambda: sample_records(pack),
+        "shard records": lambda: shard_records(str(shard)),
+        "samples": lambda: list(tar_samples(str(shard))),
+        "loader index": lambda: first_batch(shard),
+    }
+    for name, read in readers.items():
+        with deadline(10), pytest.raises(UserError, match=expected):
+            read()
+            pytest.fail(f"{name} read the damaged shard")
+    with deadline(10):
+        problems = verify_shards(pack)
+    assert [p.path for p in problems] == [str(shard)] and re.match(expected, str(problems[0]))
+
+
+def test_training_on_a_shard_claiming_a_negative_size_stops_with_one_line(tiny_pack: Path, tmp_path: Path) -> None:
+    """A header claiming -1000 bytes once walked the same offset for ever, in the audit and in the workers."""
+    pack = copy_pack(tiny_pack, tmp_path)
+    shard = first_train_shard(pack)
+    damage_first_header(pack, shard, *HEADER_DAMAGE["negative size"][:3])
+    command = ["timeout", "-s", "KILL", "120", sys.executable, "-m", "aidetect.cli", "train", "--config", "smoke"]
+    result = subprocess.run(
+        [*command, "--data", str(pack), "--out", str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"aidetect: error: {shard}: damaged shard, unreadable at byte 0: ")
+    assert "is no octal number" in result.stderr and FIX in result.stderr
+
+    doctor = run_cli("doctor", "--data", str(pack), "--out", str(tmp_path / "run"))
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    count = len(read_manifest(pack)["shards"])
+    assert f"FAIL data: 1 of {count} shards damaged: {shard}: damaged shard, unreadable at byte 0: " in doctor.stdout
+
+
+def test_a_class_label_or_record_of_another_shape_is_one_line(tmp_path: Path) -> None:
+    """Well-formed headers around sample content pack never writes: a label other than 0 or 1 (which
+    would train, silently wrong), a record that is JSON but no object."""
+    label = tmp_path / "label.tar"
+    write_tar(label, {"k1.jpg": encode(np.zeros((16, 16, 3), np.uint8), "jpeg", 90), "k1.cls": b"7", "k1.json": b"{}"})
+    with pytest.raises(UserError, match=rf"{re.escape(str(label))}: damaged shard, sample k1 holds an unreadable"):
+        first_batch(label)
+    record = tmp_path / "record.tar"
+    write_tar(record, {"k1.jpg": b"\xff\xd8", "k1.cls": b"1", "k1.json": b"[1]"})
+    with pytest.raises(UserError, match=r"unreadable at byte 2048: a sample record that is no JSON object"):
+        shard_records(str(record))
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    data = garbage.read_bytes()
-    shard = Shard(str(garbage), 1, len(data), hashlib.sha256(data).hexdigest())
-    dataset = ShardDataset([shard], batch_size=1, train=False, side=64, seed=0, rank=0, world=1)
-    expected = rf"{re.escape(str(garbage))}: damaged shard, sample k1 holds no decodable image; {re.escape(FIX)}"
-    with pytest.raises(UserError, match=expected):
-        next(iter(dataset))

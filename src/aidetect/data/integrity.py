@@ -30,8 +30,16 @@ class ShardProblem:
             f"'aidetect pack SRC {Path(self.path).parent}' with the source and options it was packed with"
         )
 
-    def error(self) -> UserError:
-        return UserError(str(self))
+    def error(self) -> DamagedShard:
+        return DamagedShard(self)
+
+
+class DamagedShard(UserError):
+    """A ``ShardProblem`` met while reading a shard, raised: its line is the problem's, kept as ``problem``."""
+
+    def __init__(self, problem: ShardProblem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
 
 
 def damaged(path: str | os.PathLike, detail: str) -> ShardProblem:
@@ -73,12 +81,20 @@ def compare(
     return None
 
 
-def manifest_problems(shard_dir: str | os.PathLike, entries: list[dict], workers: int = 4) -> list[ShardProblem]:
+def manifest_problems(
+    shard_dir: str | os.PathLike,
+    entries: list[dict],
+    workers: int = 4,
+    readable: Callable[[Path], ShardProblem | None] | None = None,
+) -> list[ShardProblem]:
     """The shards of manifest ``entries`` under ``shard_dir`` that are missing or differ in size or sha256,
-    in manifest order. Threads suffice to hash ``workers`` shards at once: hashlib releases the GIL."""
+    or, with ``readable``, that match them but whose content ``readable(path)`` finds a problem in; in
+    manifest order. Threads suffice to hash ``workers`` shards at once: hashlib releases the GIL."""
 
     def check(entry: dict) -> ShardProblem | None:
-        return file_problem(Path(shard_dir) / entry["name"], entry["bytes"], entry["sha256"])
+        path = Path(shard_dir) / entry["name"]
+        problem = file_problem(path, entry["bytes"], entry["sha256"])
+        return problem or (readable(path) if readable else None)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         return [problem for problem in pool.map(check, entries) if problem]
