@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from aidetect.cluster.profiles import load_profile, place
+from aidetect.cluster.profiles import Profile, load_profile, place
+from aidetect.cluster.submit import make_executor
 from aidetect.config import load_config
 from aidetect.errors import UserError
 
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("setup: module load x\n", "key setup must be list"),
         ("gpu: 4\n", "key gpu is unknown"),
         ("cpus_per_task: 0\n", "cpus_per_task must be at least 1"),
+        ("mem_per_gpu_gb: 0\n", "mem_per_gpu_gb must be at least 1"),
+        ("constraint: [lustre]\n", "key constraint must be str"),
         ("- a list\n", "a profile is a mapping"),
     ],
 )
@@ -83,3 +86,27 @@ def test_an_installed_package_finds_its_bundled_profiles(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(target)) and result.stdout.split()[-1] == "gpu"
+
+
+def sbatch_text(profile: Profile, folder: Path) -> str:
+    """The sbatch script a one-node job of ``profile`` would be submitted with: submitit's own rendering of
+    the executor's parameters (it has no public way to show it without submitting)."""
+    executor = make_executor(profile, folder, 1, max(profile.gpus_per_node, 1), "aidetect-test")
+    return executor._executor._make_submission_file_text("python -m aidetect.cli train", "uid")
+
+
+@pytest.mark.parametrize(("partition", "gpus", "memory"), [("gpu-shared", 1, "90GB"), ("gpu", 4, "360GB")])
+def test_expanse_jobs_ask_for_lustre_and_a_node_share_per_gpu(
+    tmp_path: Path, partition: str, gpus: int, memory: str
+) -> None:
+    profile = load_profile("expanse", account="abc123", partition=partition, gpus_per_node=gpus)
+    text = sbatch_text(profile, tmp_path)
+    for line in ("--constraint=lustre", "--cpus-per-task=10", f"--mem={memory}", f"--partition={partition}"):
+        assert f"#SBATCH {line}\n" in text, line
+    # Exported unexpanded: each node expands $USER and $SLURM_JOB_ID itself when it stages (data.stage auto).
+    assert "export AIDETECT_LOCAL_SCRATCH='/scratch/$USER/job_$SLURM_JOB_ID'\n" in text
+
+
+def test_the_local_profile_asks_for_no_constraint_and_its_memory_per_node(tmp_path: Path) -> None:
+    text = sbatch_text(load_profile("local"), tmp_path)
+    assert "#SBATCH --mem=4GB\n" in text and "--constraint" not in text and "AIDETECT_LOCAL_SCRATCH" not in text

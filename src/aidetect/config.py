@@ -39,6 +39,10 @@ class DataConfig:
     # Leave-one-source-out: train and validate without this fake source; test on the real test samples
     # and every sample of this source (from all splits: none of it was trained on).
     holdout_source: str | None = None
+    # Node-local staging (aidetect.data.stage): none (read the pack where it is), auto ($SLURM_TMPDIR, else
+    # $AIDETECT_LOCAL_SCRATCH, which submit exports from the profile's local_scratch) or an absolute folder;
+    # $VARS are expanded on each node when the run starts.
+    stage: str = "none"
 
 
 @dataclass
@@ -226,6 +230,7 @@ def validate(config: Config) -> None:
         if value <= 0:
             raise UserError(f"config key {key} must be positive, got {value}")
     check_augmentation(config.data)
+    check_stage(config.data.stage)
     if not config.data.shards:
         raise UserError("config key data.shards is not set; pass --data PACK_DIR (made by aidetect pack)")
     if not (Path(config.data.shards) / "manifest.json").is_file():
@@ -242,6 +247,12 @@ def check_augmentation(data: DataConfig) -> None:
     for key, value in {"data.blur_prob": data.blur_prob, "data.jpeg_prob": data.jpeg_prob}.items():
         if not 0 <= value <= 1:
             raise UserError(f"config key {key} must be a probability in [0, 1], got {value}")
+
+
+def check_stage(stage: str) -> None:
+    """``UserError`` unless ``stage`` is none, auto or an absolute folder (``$VAR/...`` too: expanded on the node)."""
+    if stage not in ("none", "auto") and not stage.startswith(("/", "$")):
+        raise UserError(f"config key data.stage must be none, auto or an absolute folder on the node, got {stage!r}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import random
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from aidetect.config import Config, DataConfig, save_config, to_dict, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.shards import build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
+from aidetect.data.stage import stage_pack
 from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
 from aidetect.engine import EpochResult, Stepper, evaluate, stop_agreed, train_one_epoch
 from aidetect.errors import UserError
@@ -61,6 +62,8 @@ def train(config: Config) -> dict[str, Any]:
     info = setup_distributed(config.train.dist_timeout_s, config.train.device)
     try:
         with StopRequest() as stop:
+            staged = stage_pack(config.data.shards, config.data.stage, info.local_rank, config.train.dist_timeout_s)
+            config = replace(config, data=replace(config.data, shards=staged))  # the loaders read the node's copy
             return Trainer(config, info, stop).run()
     finally:
         cleanup_distributed()

@@ -8,12 +8,14 @@ non-editable package finds them too.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aidetect.config import Config, build, read_mapping
+from aidetect.data.stage import LOCAL_SCRATCH_ENV
 from aidetect.errors import UserError
 from aidetect.preemption import DEFAULT_MAX_REQUEUES
 
@@ -29,8 +31,11 @@ class Profile:
     partitions: list[str] = field(default_factory=list)  # the partitions that exist, to catch typos
     gpus_per_node: int = 0
     gpu_arch: str | None = None  # e.g. sm_70: the GPUs' architecture, for hpc/setup_env.sh --profile
-    cpus_per_task: int = 1
-    mem_gb: int | None = None
+    cpus_per_task: int = 1  # per task; with one task per GPU, the CPUs each GPU gets
+    mem_gb: int | None = None  # per node, for jobs without GPUs (or when mem_per_gpu_gb is not set)
+    mem_per_gpu_gb: int | None = None  # per GPU: a job asks for this x its GPUs per node
+    constraint: str | None = None  # node features the job needs (sbatch --constraint), e.g. lustre on Expanse
+    local_scratch: str | None = None  # node-local folder for data.stage auto ($VARS expanded on each node)
     time_limit_min: int = 60
     signal_delay_s: int = 120
     max_requeues: int = DEFAULT_MAX_REQUEUES  # restarts after preemption, time limit or a lost task, all told
@@ -83,9 +88,29 @@ def check(profile: Profile, path: Path) -> None:
     for key in ("gpus_per_node", "max_requeues", "signal_delay_s"):
         if getattr(profile, key) < 0:
             raise UserError(f"{path}: {key} must not be negative, got {getattr(profile, key)}")
-    for key in ("cpus_per_task", "time_limit_min"):
-        if getattr(profile, key) < 1:
-            raise UserError(f"{path}: {key} must be at least 1, got {getattr(profile, key)}")
+    for key in ("cpus_per_task", "time_limit_min", "mem_per_gpu_gb"):
+        value = getattr(profile, key)
+        if value is not None and value < 1:
+            raise UserError(f"{path}: {key} must be at least 1, got {value}")
+
+
+def node_memory_gb(profile: Profile) -> int | None:
+    """Memory a job asks for per node: ``mem_per_gpu_gb`` x its GPUs per node when both are set (partitions
+    that share nodes give a GPU job only a token amount unless it asks), else ``mem_gb``."""
+    if profile.mem_per_gpu_gb and profile.gpus_per_node:
+        return profile.mem_per_gpu_gb * profile.gpus_per_node
+    return profile.mem_gb
+
+
+def setup_lines(profile: Profile) -> list[str]:
+    """Shell lines a job runs before its tasks: the profile's ``setup``, then its wandb mode and its
+    ``local_scratch`` as ``$AIDETECT_LOCAL_SCRATCH`` (quoted: each node expands its variables when it stages)."""
+    lines = list(profile.setup)
+    if profile.wandb_mode:
+        lines.append(f"export WANDB_MODE={profile.wandb_mode}")
+    if profile.local_scratch:
+        lines.append(f"export {LOCAL_SCRATCH_ENV}={shlex.quote(profile.local_scratch)}")
+    return lines
 
 
 def require_account(profile: Profile) -> None:

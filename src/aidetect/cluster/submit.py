@@ -28,7 +28,7 @@ from typing import Any
 import submitit
 import torch
 
-from aidetect.cluster.profiles import Profile, place, require_account
+from aidetect.cluster.profiles import Profile, node_memory_gb, place, require_account, setup_lines
 from aidetect.config import Config, DataConfig, build, to_dict, validate
 from aidetect.data.shards import read_manifest
 from aidetect.errors import UserError
@@ -101,16 +101,19 @@ def make_executor(profile: Profile, folder: Path, nodes: int, tasks_per_node: in
     }
     if profile.gpus_per_node:
         parameters["gpus_per_node"] = profile.gpus_per_node
-    if profile.mem_gb:
-        parameters["mem_gb"] = profile.mem_gb * nodes if cluster == "local" else profile.mem_gb
+    memory = node_memory_gb(profile)
+    if memory:
+        parameters["mem_gb"] = memory * nodes if cluster == "local" else memory
     if cluster == "slurm":
         parameters |= {
             "slurm_partition": profile.partition,
             "slurm_signal_delay_s": profile.signal_delay_s,
-            "slurm_setup": list(profile.setup) + [f"export WANDB_MODE={profile.wandb_mode}"] * bool(profile.wandb_mode),
+            "slurm_setup": setup_lines(profile),
             "slurm_additional_parameters": {"requeue": True}
             | ({"account": profile.account} if profile.account else {}),
         }
+        if profile.constraint:
+            parameters["slurm_constraint"] = profile.constraint
     executor.update_parameters(**parameters)
     return executor
 
