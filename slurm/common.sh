@@ -13,10 +13,13 @@ setup_environment() {
 }
 
 # run_with_requeue COMMAND...: srun COMMAND; on USR1/TERM (the time-limit warning, preemption, scancel)
-# forward USR1 to the tasks so that they checkpoint and exit; then ask the package whether the job goes
-# back in the queue (aidetect.preemption: the exit code and the max_requeues cap live there only).
+# forward USR1 to the tasks so that they checkpoint and exit; then the package decides from SLURM's record
+# of the step whether the job goes back in the queue and requeues it (aidetect.cluster.requeue: the exit
+# codes, the rule and the max_requeues cap, from $AIDETECT_PROFILE's profile, live in the package only).
+# The script exits 0 when the job was requeued or finished, else non-zero: the job ends FAILED, also when
+# SLURM refused the requeue (e.g. a job submitted with --no-requeue), never COMPLETED with the run unfinished.
 # --kill-on-bad-exit: when one task dies (killed, out of memory, its node lost) srun ends the others at
-# once instead of leaving them waiting in a collective; the job is then requeued and resumes.
+# once instead of leaving them waiting in a collective.
 run_with_requeue() {
     trap 'echo "[aidetect-sbatch] stop signal: checkpointing"; kill -USR1 "$srun_pid" 2>/dev/null' USR1 TERM
     srun --kill-on-bad-exit=1 "$@" &
@@ -27,13 +30,7 @@ run_with_requeue() {
         status=$?
         kill -0 "$srun_pid" 2>/dev/null || break
     done
-    if decision=$(python -m aidetect.preemption --exit-status "$status"); then
-        local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
-        job=${job:-$SLURM_JOB_ID}
-        echo "[aidetect-sbatch] $decision: requeueing job $job"
-        scontrol requeue "$job"
-        exit 0
-    fi
-    echo "[aidetect-sbatch] not requeued: $decision"
-    exit "$status"
+    local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+    python -m aidetect.cluster.requeue --exit-status "$status" --job "${job:-$SLURM_JOB_ID}"
+    exit $?
 }

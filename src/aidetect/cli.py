@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aidetect.errors import USER_ERROR_EXIT_CODE, UserError
-from aidetect.preemption import RESUME_EXIT_CODE, Stopped
+from aidetect.preemption import Outcome
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -31,9 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"aidetect: error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
-    except Stopped as stopped:
-        print(f"aidetect: stopped by a signal; {stopped}", file=sys.stderr)
-        return RESUME_EXIT_CODE
+    except Outcome as outcome:  # stopped, a lost peer, out of memory: the exit code tells the requeue rule
+        print(f"aidetect: {outcome.headline}; {outcome}", file=sys.stderr)
+        return outcome.exit_code
     except KeyboardInterrupt:
         print("aidetect: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -190,8 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--image-size", type=int, default=128)
     loop.add_argument("--batch-size", type=int, default=32)
     loop.add_argument("--steps", type=int, default=30, help="timed steps per setting")
-    loop.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    loop.add_argument(
+        "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, auto (train.precision auto's)"
+    )
     loop.add_argument("--compile", action="store_true", help="also time torch.compile")
+    loop.add_argument(
+        "--data", default=None, help="pack folder: also time the loop fed by the training loader from it (loader_fed)"
+    )
+    loop.add_argument("--workers", type=int, default=None, help="loader processes for --data (default: all cores)")
     loop.set_defaults(handler=run_bench_train)
     cv = benches.add_parser("cv", help="K folds as a parallel job array vs one fold alone, on a cluster profile")
     cv.add_argument("--profile", default="local", help="cluster profile (default: the local test cluster)")
@@ -442,11 +448,12 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 def run_bench_train(args: argparse.Namespace) -> int:
     from aidetect.bench.train import bench_train, format_table
+    from aidetect.hardware import PRECISIONS
 
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
-    unknown = sorted(set(precisions) - {"fp32", "bf16", "fp16"})
+    unknown = sorted(set(precisions) - set(PRECISIONS))
     if unknown:
-        raise UserError(f"--precisions: unknown {', '.join(unknown)}; use fp32, bf16, fp16")
+        raise UserError(f"--precisions: unknown {', '.join(unknown)}; use {', '.join(PRECISIONS)}")
     results = bench_train(
         args.json,
         model=args.model,
@@ -455,6 +462,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         precisions=precisions,
         compile_=args.compile,
+        data=args.data,
+        workers=check_workers(args.workers),
     )
     print(format_table(results))
     return 0

@@ -4,13 +4,25 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under 
 GPU) the rank and world come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the rendezvous
 from MASTER_ADDR / MASTER_PORT when set (submitit sets them), else from the job: the first host of
 SLURM_JOB_NODELIST and a port derived from the job id, the same on every node of the job.
+
+A rank that dies or stops answering (SIGSTOP, a hung file system, a cut link) makes the others' next
+collective fail: at once when its connections close, else after ``train.dist_timeout_s``. Inside
+``peers_watched`` such a failure becomes ``LostPeer`` (exit 4, requeued), naming the ranks and hosts
+whose heartbeat (a counter each rank bumps in the rendezvous store every second, from a thread that
+runs while the rank waits in a collective) stopped. With NCCL the watchdog tears the process down
+after the same timeout (SIGABRT, status 134, also a lost peer by the requeue rule).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -19,6 +31,7 @@ import torch.distributed as dist
 from aidetect.cuda_builds import check_visible_gpus
 from aidetect.errors import UserError
 from aidetect.hardware import choose_device, cuda_facts
+from aidetect.preemption import LostPeer
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,8 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    hosts: tuple[str, ...] = ()  # every rank's host name, in rank order
+    heartbeat: Heartbeat | None = field(default=None, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -34,12 +49,19 @@ class DistInfo:
 
 
 def environment_ranks() -> tuple[int, int, int]:
-    """(rank, world, local rank) from torchrun's variables, else SLURM's, else a single process."""
+    """(rank, world, local rank) from torchrun's variables, else SLURM's, else a single process.
+    ``UserError`` in the batch step of a job of several tasks: they are started by srun, not by the script."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if tasks > 1 and "SLURM_JOB_ID" in env and "SLURM_STEP_ID" not in env:
+        raise UserError(
+            f"job {env.get('SLURM_JOB_ID', '?')} has {tasks} tasks, but this process was started by its batch "
+            "script, not by srun: run 'srun aidetect ...' or submit slurm/train.sbatch (or aidetect submit)"
+        )
+    if "SLURM_PROCID" in env and tasks > 1:
+        return int(env["SLURM_PROCID"]), tasks, int(env.get("SLURM_LOCALID", 0))
     return 0, 1, 0
 
 
@@ -71,22 +93,98 @@ def setup_distributed(timeout_s: int, device: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        slurm_rendezvous()
-        if "MASTER_ADDR" not in os.environ:
-            raise UserError("MASTER_ADDR is not set: launch multi-process runs with torchrun or the slurm/ scripts")
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
+    if world == 1 or dist.is_initialized():
+        return DistInfo(rank, world, local_rank, device, (socket.gethostname(),))
+    slurm_rendezvous()
+    if "MASTER_ADDR" not in os.environ:
+        raise UserError("MASTER_ADDR is not set: launch multi-process runs with torchrun or the slurm/ scripts")
+    if device.type == "cuda":  # a failed or timed-out NCCL collective tears the process down (SIGABRT)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    hosts = tuple(all_gather_objects(socket.gethostname()))
+    return DistInfo(rank, world, local_rank, device, hosts, Heartbeat(rank, world))
+
+
+class Heartbeat:
+    """A thread that adds 1 to this rank's counter in the rendezvous store every ``BEAT_S`` seconds, through a
+    connection of its own; ``silent()`` tells which ranks' counters stopped."""
+
+    BEAT_S = 1.0
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world, self.stopped = rank, world, threading.Event()
+        self.store = dist.PrefixStore(
+            "aidetect-heartbeat/",
+            dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout=timedelta(seconds=10)),
         )
-    return DistInfo(rank, world, local_rank, device)
+        threading.Thread(target=self.beat, name="aidetect-heartbeat", daemon=True).start()
+
+    def beat(self) -> None:
+        while not self.stopped.wait(self.BEAT_S):
+            try:
+                self.store.add(str(self.rank), 1)
+            except Exception:  # the store is gone (its host ended): nothing left to tell
+                return
+
+    def counts(self) -> list[int]:
+        return [self.store.add(str(rank), 0) for rank in range(self.world)]  # add 0: read without blocking
+
+    def silent(self) -> list[int] | None:
+        """The other ranks whose counter did not move in 3 beats; None when the store does not answer."""
+        try:
+            before = self.counts()
+            time.sleep(3 * self.BEAT_S)
+            after = self.counts()
+        except Exception:  # the store's host (rank 0's process under srun) does not answer
+            return None
+        return [rank for rank in range(self.world) if rank != self.rank and after[rank] == before[rank]]
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
-def cleanup_distributed() -> None:
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer closed its connection or timed out."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(mark in text for mark in ("gloo", "NCCL", "Connection reset"))
+
+
+def lost_peer_message(info: DistInfo, exc: BaseException) -> str:
+    """One line naming the ranks (and hosts) that stopped answering, as far as the heartbeats tell."""
+    cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    silent = info.heartbeat.silent() if info.heartbeat else None
+    host = dict(enumerate(info.hosts))
+    if silent is None:
+        who = f"rank 0 ({host.get(0, '?')}), which holds the rendezvous store, stopped answering"
+    elif silent:
+        who = ", ".join(f"rank {rank} ({host.get(rank, '?')})" for rank in silent) + " stopped answering"
+    else:
+        who = "every rank still answers, but a collective failed"
+    return f"{who}; rank {info.rank} ({host.get(info.rank, '?')}) gives up: {cause}"
+
+
+@contextlib.contextmanager
+def peers_watched(info: DistInfo) -> Iterator[None]:
+    """Runs the block; a collective that fails because a peer is gone becomes ``LostPeer`` (one line)."""
+    try:
+        yield
+    except Exception as exc:
+        if info.world > 1 and is_peer_failure(exc):
+            raise LostPeer(lost_peer_message(info, exc)) from None
+        raise
+
+
+def cleanup_distributed(info: DistInfo | None = None) -> None:
+    if info is not None and info.heartbeat is not None:
+        info.heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ import aidetect
 from aidetect.cluster.profiles import Profile
 from aidetect.cuda_builds import check_visible_gpus
 from aidetect.distributed import all_gather_objects, cleanup_distributed, environment_ranks, setup_distributed
-from aidetect.hardware import resolve_precision
+from aidetect.hardware import cuda_facts, cuda_problem, resolve_precision
 
 ALLREDUCE_BYTES = 32 * 2**20
 ALLREDUCE_TIMEOUT_S = 60
@@ -87,6 +87,9 @@ def gpus(profile: Profile | None) -> Check:
     names = sorted({torch.cuda.get_device_name(i) for i in range(visible)})
     allocated, expected = slurm_gpus(), profile.gpus_per_node if profile else 0
     detail = f"{visible} visible" + (f" ({', '.join(names)})" if names else "")
+    facts = cuda_facts()
+    if facts.given_gpus and not visible:  # train and evaluate would stop here too (aidetect.hardware)
+        return Check("gpus", "FAIL", f"this job was given GPUs ({facts.given_gpus}) but {cuda_problem(facts)}")
     if allocated is not None and allocated != visible:
         return Check("gpus", "FAIL", f"{detail}, but SLURM allocated {allocated}: check CUDA_VISIBLE_DEVICES")
     if expected and not visible:

@@ -98,17 +98,17 @@ def evaluate(
     device: torch.device,
     precision: str,
     channels_last: bool,
-    stop: StopRequest | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> Predictions:
     """This rank's predictions on its share of the split, with the model in eval mode (BatchNorm uses its
-    running statistics and does not update them). ``Predictions.gather()`` merges all ranks'. With
-    ``stop``, raises ``Stopped`` at the next batch once a stop signal arrived (nothing is saved)."""
+    running statistics and does not update them). ``Predictions.gather()`` merges all ranks'. Raises
+    ``Stopped`` before batch ``index`` when ``should_stop(index)`` (``stop_check``); nothing is saved."""
     model.eval()
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
     predictions = Predictions()
     loader.set_epoch(0)
-    for batch in loader:
-        if stop is not None and stop.requested:
+    for index, batch in enumerate(loader):
+        if should_stop is not None and should_stop(index):
             raise Stopped("the evaluation was not finished and wrote nothing; run the same command again")
         inputs = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
         with autocast(device, precision):
@@ -119,6 +119,14 @@ def evaluate(
         predictions.keys += batch.keys
         predictions.sources += batch.sources
     return predictions
+
+
+def stop_check(stop: StopRequest, loader: ShardLoader, device: torch.device) -> Callable[[int], bool]:
+    """``should_stop`` for ``evaluate``: asks every rank at each batch that all ranks have (their shares of a
+    split differ by at most one batch), so that all stop at the same batch or none does. Call it inside
+    ``stop.deferred()``: a stop that comes after the last common batch ends the section instead."""
+    common = loader.batches_on_every_rank()
+    return lambda index: index < common and stop_agreed(stop.requested, device)
 
 
 def stop_agreed(requested: bool, device: torch.device) -> bool:

@@ -14,13 +14,15 @@ one-line ``UserError`` naming the cause instead of days of training on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aidetect.errors import UserError
+from aidetect.preemption import OutOfMemory
 
 if TYPE_CHECKING:  # torch is imported where it is used: the config module reads the choice lists above
     import torch
@@ -154,3 +156,28 @@ def choose_device(requested: str, facts: CudaFacts) -> str:
             "set train.device cpu to train on the CPU anyway"
         )
     return "cpu"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed: CUDA's out of memory, or the CPU allocator's."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
+
+
+@contextlib.contextmanager
+def memory_named(batch_size: int, device: torch.device) -> Iterator[None]:
+    """Runs the block; running out of memory becomes ``OutOfMemory`` (exit 5, never requeued: the same batch
+    fails again) with one line naming the per-process batch size."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        where = "GPU" if device.type == "cuda" else "process"
+        raise OutOfMemory(
+            f"{device} ran out of memory at data.batch_size {batch_size} per {where}: lower data.batch_size "
+            "(optim.accumulate keeps the global batch) or crop smaller"
+        ) from None

@@ -31,11 +31,12 @@ from aidetect.data.degrade import Perturbation
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.shards import build_loader, holdout_keep, read_manifest
 from aidetect.data.transforms import center_crop, normalize_batch
-from aidetect.distributed import cleanup_distributed, setup_distributed
+from aidetect.distributed import cleanup_distributed, peers_watched, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
+from aidetect.engine import stop_check
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
-from aidetect.hardware import resolve_precision
+from aidetect.hardware import memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics
 from aidetect.models import build_model
 from aidetect.preemption import StopRequest
@@ -72,7 +73,7 @@ def evaluate(
     check_preprocessing(data, checkpoint)
     info = setup_distributed(TrainConfig.dist_timeout_s)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, peers_watched(info), memory_named(batch_size, info.device):
             evaluate_with = split_evaluator(checkpoint, data, split, batch_size, workers, info.device, stop)
             predictions = evaluate_with(None)
             perturbed = {p: compute_metrics(evaluate_with(p)) for p in dict.fromkeys(perturbations)}
@@ -87,7 +88,7 @@ def evaluate(
                 write_robustness(report, folder, checkpoint, Path(checkpoint_path).parent.name)
         return metrics, report
     finally:
-        cleanup_distributed()
+        cleanup_distributed(info)
 
 
 def check_preprocessing(data: str, checkpoint: dict[str, Any]) -> None:
@@ -132,7 +133,8 @@ def split_evaluator(
             keep=keep,
             degrade=degrade,
         )
-        return evaluate_split(model, loader, device, precision, channels_last=False, stop=stop).gather()
+        with stop.deferred():
+            return evaluate_split(model, loader, device, precision, False, stop_check(stop, loader, device)).gather()
 
     return evaluate_with
 
