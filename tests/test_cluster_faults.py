@@ -137,5 +137,5 @@ def test_a_killed_rank_of_a_submitit_job_requeues_it_and_it_resumes(
     wait_for_line(log, r"epoch 2 batch 3/")
     os.kill(task_pid(job["job_id"], rank=1), signal.SIGKILL)
     wait_for(job["job_id"], {"PENDING", "REQUEUED"}, timeout=120)
-    assert "a task failed or was lost" in log.read_text()  # the survivor asked for the requeue
+    assert "(lost peer): requeue 1" in log.read_text()  # the survivor named the outcome and asked for the requeue
     finish_and_compare(job["job_id"], run, log, reference)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -31,13 +30,20 @@ from aidetect.audit import audit
 from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, DataConfig, save_config, to_dict, validate
 from aidetect.data.degrade import Augmentation
-from aidetect.data.shards import build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
+from aidetect.data.shards import ShardLoader, build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
 from aidetect.data.stage import stage_pack
-from aidetect.distributed import DistInfo, all_gather_objects, barrier, cleanup_distributed, setup_distributed
-from aidetect.engine import EpochResult, Stepper, evaluate, stop_agreed, train_one_epoch
+from aidetect.distributed import (
+    DistInfo,
+    all_gather_objects,
+    barrier,
+    cleanup_distributed,
+    peers_watched,
+    setup_distributed,
+)
+from aidetect.engine import Stepper, evaluate, stop_agreed, stop_check, train_one_epoch
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
-from aidetect.hardware import resolve_precision
+from aidetect.hardware import memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
@@ -49,10 +55,12 @@ class RunState:
     """Where the run is: saved in every checkpoint."""
 
     epoch: int = 0  # epoch in progress (or next to start)
-    batch: int = 0  # batches of that epoch already done
+    batch: int = 0  # global batches of that epoch already done (the same count on every rank)
     step: int = 0  # optimiser steps so far
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "epoch"}
     history: list[dict] = field(default_factory=list)
+    # The epoch is trained and its validation pending (stopped during it): {"train_loss", "img_per_s"}.
+    pending: dict[str, float] | None = None
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -61,12 +69,12 @@ def train(config: Config) -> dict[str, Any]:
     validate(config)
     info = setup_distributed(config.train.dist_timeout_s, config.train.device)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, peers_watched(info), memory_named(config.data.batch_size, info.device):
             staged = stage_pack(config.data.shards, config.data.stage, info.local_rank, config.train.dist_timeout_s)
             config = replace(config, data=replace(config.data, shards=staged))  # the loaders read the node's copy
             return Trainer(config, info, stop).run()
     finally:
-        cleanup_distributed()
+        cleanup_distributed(info)
 
 
 class Trainer:
@@ -133,15 +141,41 @@ class Trainer:
         if path is None or (source == "auto" and not path.exists()):
             return {}
         checkpoint = load_checkpoint(path)
+        self.check_global_batch(path, checkpoint)
         unwrap(self.model).load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.state = RunState(**checkpoint["state"])
-        if len(checkpoint["rng"]) == self.info.world:
+        saved = len(checkpoint["rng"])
+        if self.info.rank < saved:
             set_rng_state(checkpoint["rng"][self.info.rank])
-        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, batch {self.state.batch}")
+        if saved != self.info.world:
+            restored = min(saved, self.info.world)
+            self.log(
+                f"resumed on {self.info.world} process(es) a run saved by {saved}: the global batch is the same, so "
+                f"the data position is exact; RNG states (dropout) restored for ranks 0..{restored - 1}"
+                + (f", ranks {saved}.. seeded anew" if self.info.world > saved else "")
+            )
+        pending = " (epoch trained, validation pending)" if self.state.pending else ""
+        self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, batch {self.state.batch}{pending}")
         return checkpoint
+
+    def check_global_batch(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        """``UserError`` unless this run's global batch (processes x batch size, and accumulation) is the saved
+        run's: the saved position counts global batches, which mean other samples under another global batch."""
+        data, optim = checkpoint["config"]["data"], checkpoint["config"]["optim"]
+        saved_world = checkpoint.get("world", len(checkpoint["rng"]))
+        saved, ours = saved_world * data["batch_size"], self.info.world * self.config.data.batch_size
+        if saved == ours and optim["accumulate"] == self.config.optim.accumulate:
+            return
+        world = self.info.world
+        fits = f"data.batch_size {saved // world}" if saved % world == 0 else "another number of processes"
+        raise UserError(
+            f"{path}: saved by {saved_world} process(es) x data.batch_size {data['batch_size']} x optim.accumulate "
+            f"{optim['accumulate']}; this run is {self.info.world} x {self.config.data.batch_size} x "
+            f"{self.config.optim.accumulate}: continue with {fits} and the same accumulate, or use a new run folder"
+        )
 
     def wrapped_model(self) -> nn.Module:
         model: nn.Module = self.model
@@ -174,25 +208,39 @@ class Trainer:
             f"training {config.model.name} on {self.info.world} process(es), {self.info.device.type}, "
             f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
         )
-        self.log(f"ranks by host: {ranks_by_host(all_gather_objects(socket.gethostname()))}")
+        self.log(f"ranks by host: {ranks_by_host(list(self.info.hosts))}")
         if self.info.is_main:
             self.audit_shortcuts()
         for epoch in range(self.state.epoch, config.train.epochs):
-            start_batch = self.state.batch
-            self.loaders["train"].set_epoch(epoch, start_batch)
-            progress = Progress(self, epoch, start_batch)
-            result = train_one_epoch(stepper, self.loaders["train"], start_batch, self.should_stop, progress.update)
-            progress.close()
-            self.state.step = self.scheduler.last_epoch
-            if result.stopped:
-                self.state.epoch, self.state.batch = epoch, start_batch + result.batches
-                self.save("last.pt")
-                self.log(f"stopped by {self.stop.signal_name} at epoch {epoch + 1}, batch {self.state.batch}")
-                self.tracker.finish()
-                barrier()  # every rank leaves together: under srun --kill-on-bad-exit, none is killed mid-save
-                raise Stopped(f"{self.out / 'last.pt'} holds its position; continue with --resume auto")
-            self.end_epoch(epoch, result)
+            with self.stop.deferred():  # acted on at a step all ranks agree on, after saving last.pt
+                summary = self.state.pending or self.train_epoch(stepper, epoch)
+                self.end_epoch(epoch, summary)
         return self.test()
+
+    def train_epoch(self, stepper: Stepper, epoch: int) -> dict[str, float]:
+        """Train the rest of ``epoch``; returns its summary (every rank's mean loss, images per second). On a
+        stop agreed by every rank, saves ``last.pt`` with the position and raises ``Stopped``."""
+        start_batch = self.state.batch
+        self.loaders["train"].set_epoch(epoch, start_batch)
+        progress = Progress(self, epoch, start_batch)
+        result = train_one_epoch(stepper, self.loaders["train"], start_batch, self.should_stop, progress.update)
+        progress.close()
+        self.state.step = self.scheduler.last_epoch
+        if result.stopped:
+            self.state.epoch, self.state.batch = epoch, start_batch + result.batches
+            self.leave(f"at epoch {epoch + 1}, batch {self.state.batch}")
+        return {
+            "train_loss": float(np.mean(all_gather_objects(result.loss))),
+            "img_per_s": result.images * self.info.world / max(result.seconds, 1e-9),
+        }
+
+    def leave(self, where: str) -> None:
+        """Save ``last.pt`` with the position in ``self.state`` and raise ``Stopped``, every rank together."""
+        self.save("last.pt")
+        self.log(f"stopped by {self.stop.signal_name} {where}")
+        self.tracker.finish()
+        barrier()  # every rank leaves together: under srun --kill-on-bad-exit, none is killed mid-save
+        raise Stopped(f"{self.out / 'last.pt'} holds its position; continue with --resume auto")
 
     def audit_shortcuts(self) -> None:
         """The shortcut audit's verdict on this pack (metadata only, seconds), in the log and in wandb."""
@@ -210,28 +258,43 @@ class Trainer:
             self.log(f"WARNING: {report['warning']}")
         self.tracker.summary({"audit/metadata_auroc": report["metadata_auroc"], "audit/warning": report["warning"]})
 
+    def evaluate(self, loader: ShardLoader) -> Predictions:
+        """Every rank's predictions on ``loader``'s split; ``Stopped`` at the next batch once a stop is agreed."""
+        return evaluate(
+            self.model,
+            loader,
+            self.info.device,
+            self.precision,
+            self.config.model.channels_last,
+            stop_check(self.stop, loader, self.info.device),
+        ).gather()
+
     def should_stop(self, index: int) -> bool:
         """Agreed across ranks every ``log_every`` batches: a signal is acted on within that many steps."""
         if (index + 1) % self.config.train.log_every:
             return False
         return stop_agreed(self.stop.requested, self.info.device)
 
-    def end_epoch(self, epoch: int, result: EpochResult) -> None:
+    def end_epoch(self, epoch: int, summary: dict[str, float]) -> None:
+        """Validate the trained ``epoch``, log it, keep ``best.pt`` and ``last.pt``. A stop during the validation
+        saves ``last.pt`` with the epoch trained and its validation pending, and raises ``Stopped``."""
         config = self.config
-        predictions = evaluate(
-            self.model, self.loaders["val"], self.info.device, self.precision, config.model.channels_last
-        ).gather()
+        try:
+            predictions = self.evaluate(self.loaders["val"])
+        except Stopped:
+            self.state.epoch, self.state.pending = epoch, summary
+            self.leave(f"in the validation of epoch {epoch + 1} (epoch trained, validation pending)")
         metrics = compute_metrics(predictions)
-        train_loss = float(np.mean(all_gather_objects(result.loss)))
+        train_loss = summary["train_loss"]
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "img_per_s": result.images * self.info.world / max(result.seconds, 1e-9),
+            "img_per_s": summary["img_per_s"],
             "val": metrics,
         }
         self.state.history.append(row)
-        self.state.epoch, self.state.batch = epoch + 1, 0
+        self.state.epoch, self.state.batch, self.state.pending = epoch + 1, 0, None
         value, best = metrics[config.train.best_metric], self.state.best
         improved = is_better(config.train.best_metric, value, best.get("value"), metrics["loss"], best.get("loss"))
         if improved:
@@ -262,10 +325,8 @@ class Trainer:
         barrier()
         best = load_checkpoint(self.out / "best.pt")
         unwrap(self.model).load_state_dict(best["model"])
-        loader = self.make_loader("test")
-        predictions = evaluate(
-            self.model, loader, self.info.device, self.precision, self.config.model.channels_last
-        ).gather()
+        with self.stop.deferred():
+            predictions = self.evaluate(self.make_loader("test"))
         chosen = best["state"]["best"]
         threshold = chosen.get("threshold", 0.5)  # checkpoints made before thresholds were chosen
         at_threshold = compute_metrics(predictions, threshold)

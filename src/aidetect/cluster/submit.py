@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -29,11 +28,12 @@ import submitit
 import torch
 
 from aidetect.cluster.profiles import Profile, node_memory_gb, place, require_account, setup_lines
+from aidetect.cluster.requeue import earlier_attempts, refused, request_requeue, requeue_allowed
 from aidetect.config import Config, DataConfig, build, to_dict, validate
 from aidetect.data.shards import read_manifest
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
-from aidetect.preemption import RESUME_EXIT_CODE, Stopped, requeue_decision
+from aidetect.preemption import Outcome, Stopped, requeue_decision
 
 JOBS_FILE = "jobs.json"
 
@@ -58,31 +58,35 @@ class TrainJob(submitit.helpers.Checkpointable):
         except UserError:
             raise  # bad input fails again: never requeued
         except Exception as exc:
-            stopped = isinstance(exc, Stopped)
-            if not stopped:
-                traceback.print_exc()  # why this attempt failed, in the task's log
-            if self.requeue(environment, RESUME_EXIT_CODE if stopped else 1, any_rank=not stopped):
+            status = exc.exit_code if isinstance(exc, Outcome) else 1
+            if not isinstance(exc, Outcome):
+                traceback.print_exc()  # why this attempt crashed, in the task's log
+            if self.requeue(environment, status, any_rank=not isinstance(exc, Stopped)):
                 # The job is back in the queue and SLURM is about to end this attempt: leave at once, so that
-                # submitit records no result (it would read as a failure) and no DataLoader worker outlives us.
+                # submitit records no result (it would read as a failure) and no DataLoader worker outlives
+                # us, with the status that SLURM's record of this attempt then holds (the rule reads it).
                 sys.stdout.flush()
                 sys.stderr.flush()
-                os._exit(0)
+                os._exit(status)
             raise
 
     def requeue(self, environment: submitit.JobEnvironment, status: int, any_rank: bool) -> bool:
         """Put the job back in the queue when the rule of ``aidetect.preemption`` says so; False: not requeued.
         After a stop signal every rank is alive and rank 0 requeues for all; after a failure (a rank or node
-        lost) any survivor may be the one left, so each asks SLURM, which requeues a running job once."""
+        lost) any survivor may be the one left, so each asks SLURM, which requeues a running job once.
+        ``UserError`` when SLURM refuses (a job submitted without requeue): the job fails, never completes."""
         job_id = os.environ.get("SLURM_JOB_ID")
         if job_id is None:
             return False  # submitit's local executor: nothing to requeue into
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        decision = requeue_decision(status, restarts, self.max_requeues)
+        decision = requeue_decision(status, restarts, self.max_requeues, earlier_attempts(job_id))
         if not decision.requeue or (environment.global_rank != 0 and not any_rank):
             return decision.requeue
         print(f"[aidetect] job {job_id}: {decision.reason}", flush=True)
-        requeued = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, check=False).returncode == 0
-        return requeued or any_rank  # after a failure, a refusal means another survivor requeued it first
+        reason = request_requeue(job_id)
+        if reason is None or (any_rank and requeue_allowed(job_id)):  # allowed: another survivor came first
+            return True
+        raise UserError(refused(job_id, reason)) from None
 
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
