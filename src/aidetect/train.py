@@ -15,7 +15,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +71,22 @@ def train(config: Config) -> dict[str, Any]:
     try:
         with StopRequest() as stop, peers_watched(info), memory_named(config.data.batch_size, info.device):
             staged = stage_pack(config.data.shards, config.data.stage, info.local_rank, config.train.dist_timeout_s)
-            config = replace(config, data=replace(config.data, shards=staged))  # the loaders read the node's copy
-            return Trainer(config, info, stop).run()
+            return Trainer(config, info, stop, staged).run()
     finally:
         cleanup_distributed(info)
 
 
 class Trainer:
-    def __init__(self, config: Config, info: DistInfo, stop: StopRequest) -> None:
-        self.config, self.info, self.stop = config, info, stop
+    """One process's training run: ``run()`` trains every epoch, validating each, then tests ``best.pt``.
+    ``shards``: where this node reads the pack (``config.data.shards``, or its staged copy); the config is
+    recorded as given."""
+
+    def __init__(self, config: Config, info: DistInfo, stop: StopRequest, shards: str) -> None:
+        self.config, self.info, self.stop, self.shards = config, info, stop, shards
         self.out = Path(config.train.out)
-        self.manifest = read_manifest(config.data.shards)
+        self.manifest = read_manifest(shards)
         if config.data.holdout_source:
-            check_holdout(config.data.shards, config.data.holdout_source)
+            check_holdout(shards, config.data.holdout_source)
         self.image_size = config.data.crop or self.manifest["settings"]["size"]
         if config.data.decode == "gpu" and info.device.type != "cuda":
             raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {info.device}: set cpu")
@@ -118,7 +121,7 @@ class Trainer:
     def make_loader(self, split: str):
         data, train = self.config.data, split == "train"
         return build_loader(
-            data.shards,
+            self.shards,
             self.splits[split],
             batch_size=data.batch_size,
             train=train,
@@ -244,9 +247,9 @@ class Trainer:
 
     def audit_shortcuts(self) -> None:
         """The shortcut audit's verdict on this pack (metadata only, seconds), in the log and in wandb."""
-        shards = self.config.data.shards
+        shards = self.config.data.shards  # named as given; read where this node reads it
         try:
-            report = audit(shards)
+            report = audit(self.shards)
         except UserError as exc:
             self.log(f"shortcut audit skipped: {exc}")
             return
@@ -279,6 +282,7 @@ class Trainer:
         """Validate the trained ``epoch``, log it, keep ``best.pt`` and ``last.pt``. A stop during the validation
         saves ``last.pt`` with the epoch trained and its validation pending, and raises ``Stopped``."""
         config = self.config
+        self.log(f"epoch {epoch + 1}: validating, {len(self.loaders['val'])} batches per process")
         try:
             predictions = self.evaluate(self.loaders["val"])
         except Stopped:
@@ -339,7 +343,7 @@ class Trainer:
         if self.info.is_main:
             atomic_write_json(self.out / "test_metrics.json", metrics)
             paths = plots.report_plots(predictions, metrics, self.out, "test")
-            self.tracker.log_evaluation("test", metrics, self.state.step, misclassified(self.config, predictions))
+            self.tracker.log_evaluation("test", metrics, self.state.step, misclassified(self.shards, predictions))
             self.tracker.log_plots("test", paths, self.state.step)
             self.tracker.summary({f"test/{k}": v for k, v in metrics.items()})
             self.log(
@@ -476,7 +480,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_e
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def misclassified(config: Config, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:
+def misclassified(shards: str, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:
     """Up to ``limit`` misclassified test images with captions, read back from the test shards."""
     from aidetect.data.decode import decode_stored
     from aidetect.data.shards import select_shards, tar_samples
@@ -487,7 +491,7 @@ def misclassified(config: Config, predictions: Predictions, limit: int = 16) -> 
         if (p >= 0.5) != (y == 1)
     }
     found = []
-    for shard in select_shards(config.data.shards, ["test"]):
+    for shard in select_shards(shards, ["test"]):
         for sample in tar_samples(shard.path):
             if sample["__key__"] in wrong and len(found) < limit:
                 probability, label = wrong[sample["__key__"]]

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from aidetect.config import Config, build, read_mapping
-from aidetect.data.stage import LOCAL_SCRATCH_ENV
 from aidetect.errors import UserError
 from aidetect.preemption import DEFAULT_MAX_REQUEUES
 
@@ -109,6 +108,8 @@ def setup_lines(profile: Profile) -> list[str]:
     if profile.wandb_mode:
         lines.append(f"export WANDB_MODE={profile.wandb_mode}")
     if profile.local_scratch:
+        from aidetect.data.stage import LOCAL_SCRATCH_ENV  # here: the stage module loads torch
+
         lines.append(f"export {LOCAL_SCRATCH_ENV}={shlex.quote(profile.local_scratch)}")
     return lines
 
