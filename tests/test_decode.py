@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import csv
 import io
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -8,8 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aidetect.checkpoint import save_checkpoint
 from aidetect.data.decode import UnreadableImage, decode_image
+from aidetect.data.pack import PackSettings
 from aidetect.data.synth import encode_jpeg, encode_png, png_with_claimed_size, render
+from aidetect.inference import predict
+from aidetect.models import build_model
+
+PILLOWS_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Image.MAX_IMAGE_PIXELS as Pillow sets it: refuses over twice that
 
 
 @pytest.fixture()
@@ -87,6 +95,53 @@ def test_large_jpeg_is_decoded_reduced_and_the_budget_holds(tmp_path: Path, scen
     bomb = write(tmp_path / "bomb.png", png_with_claimed_size(_tiny_png(), 40000, 30000))
     with pytest.raises(UnreadableImage, match="only JPEGs can be decoded reduced"):
         decode_image(bomb)
+
+
+@pytest.fixture(scope="module")
+def over_pillows_limit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 13403 x 13403 JPEG (180 MP, over twice Pillow's limit: it refuses to open it); a side 8 does not divide."""
+    path = tmp_path_factory.mktemp("huge") / "huge.jpg"
+    Image.new("L", (13_403, 13_403), 128).save(path, quality=10)
+    return path
+
+
+def test_a_jpeg_over_pillows_limit_is_decoded_reduced_within_the_budget_exactly(over_pillows_limit: Path) -> None:
+    assert decode_image(over_pillows_limit, long_side=256).pixels.shape == (1676, 1676, 3)  # 1/8 scale, not 1/4
+    assert decode_image(over_pillows_limit, max_pixels=1676 * 1676).pixels.shape == (1676, 1676, 3)
+    with pytest.raises(UnreadableImage, match=r"over the pixel budget: 13403x13403 = 180 MP > 3 MP even at 1/8 scale"):
+        decode_image(over_pillows_limit, max_pixels=1676 * 1676 - 1)  # libjpeg rounds each side up
+    # Over 64 x the budget, Pillow's own guard refuses the file before anything else reads it.
+    with pytest.raises(UnreadableImage, match=r"over the pixel budget: more than 64 x 2 MP, .* decompression bomb"):
+        decode_image(over_pillows_limit, max_pixels=2_000_000)
+    assert Image.MAX_IMAGE_PIXELS == PILLOWS_LIMIT  # set around each decode only
+
+
+def test_pillows_bomb_guard_stays_on_in_the_process(tmp_path: Path) -> None:
+    """Importing pack, predict or the decoder, and decoding, leave Pillow refusing bombs everywhere else."""
+    bomb = write(tmp_path / "bomb.png", png_with_claimed_size(_tiny_png(), 40000, 30000))
+    with pytest.raises(UnreadableImage, match="over the pixel budget"):
+        decode_image(bomb)
+    assert Image.MAX_IMAGE_PIXELS == PILLOWS_LIMIT
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+
+
+def test_predict_refuses_a_decompression_bomb_in_its_row(tmp_path: Path, scene: np.ndarray) -> None:
+    """A PNG claiming 20 gigapixels (over 64 x the 250 MP budget) is one error row; the other file is scored."""
+    checkpoint = tmp_path / "best.pt"
+    state = {  # what predict reads of a checkpoint
+        "model": build_model("seed_cnn1", 32).state_dict(),
+        "config": {"model": {"name": "seed_cnn1"}},
+        "preprocess": asdict(PackSettings(mode="crop", size=32)) | {"crop": None},
+    }
+    save_checkpoint(checkpoint, state)
+    bomb = write(tmp_path / "bomb.png", png_with_claimed_size(_tiny_png(), 200_000, 100_000))
+    photo = write(tmp_path / "photo.jpg", encode_jpeg(scene, 90))
+    assert predict(str(checkpoint), [str(bomb), str(photo)], str(tmp_path / "p.csv")) == {"files": 2, "errors": 1}
+    rows = {row["path"]: row for row in csv.DictReader((tmp_path / "p.csv").open())}
+    assert rows[str(bomb)]["error"].startswith("over the pixel budget: more than 64 x 250 MP")
+    assert "decompression bomb" in rows[str(bomb)]["error"] and rows[str(bomb)]["prob_fake"] == ""
+    assert rows[str(photo)]["error"] == "" and rows[str(photo)]["label"] in ("real", "fake")
 
 
 def _tiny_png() -> bytes:

@@ -4,6 +4,10 @@ Large JPEGs are decoded reduced (libjpeg DCT scaling via PIL's draft mode) when 
 a smaller image, so a 100 MP photo does not cost a full decode. A truncated JPEG is repaired by
 inpainting only the region the decoder never reached; anything else that cannot be decoded raises
 ``UnreadableImage`` with a reason for the pack report.
+
+No file is decoded to more than the pixel budget (``max_pixels``): Pillow's decompression-bomb guard
+stays on in the whole process at Pillow's limit, and is set to the budget only around each decode
+here (``bomb_guard``), so a huge JPEG that decodes within it at a reduced scale still can.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from aidetect.data.fileinfo import file_facts
 from aidetect.errors import UserError
 
-# Our own pixel budget replaces PIL's decompression-bomb check (see check_pixel_budget).
-Image.MAX_IMAGE_PIXELS = None
-
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 MAX_MISSING_FRACTION = 0.5
+MAX_REDUCTION = 8  # libjpeg's DCT scaling decodes a JPEG at 1/2, 1/4 or 1/8 of its size
 
 
 class UnreadableImage(Exception):
@@ -56,27 +60,65 @@ def decode_image(
     max_pixels: int = 250_000_000,
     repair_truncated: bool = True,
 ) -> DecodedImage:
-    """Decode ``path`` to RGB. With ``long_side``, JPEGs may be decoded reduced to no less than that."""
+    """Decode ``path`` to RGB. With ``long_side``, JPEGs may be decoded reduced to no less than that.
+
+    Never decodes more than ``max_pixels`` pixels: a file over that budget, even at 1/8 scale for a
+    JPEG, raises ``UnreadableImage`` before any pixel is decoded (Pillow refuses to open one over 64 x
+    the budget, see ``bomb_guard``; the exact check is ``reduced_decode_scale``)."""
     if os.path.getsize(path) == 0:
         raise UnreadableImage("empty file (0 bytes)")
+    with bomb_guard(max_pixels):
+        with open_image(path, max_pixels) as image:
+            width, height = image.size
+            facts = file_facts(image, path)
+            if min(width, height) < min_side:
+                raise UnreadableImage(f"too small: {width}x{height} px, shorter side under {min_side} px")
+            scale = reduced_decode_scale(image, long_side, max_pixels)
+            draft(image, scale)
+            if load_intact(image, repair_truncated):
+                return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), facts)
+        pixels, repair = repair_truncated_jpeg(Path(path).read_bytes(), scale)
+    return DecodedImage(pixels, facts, repair=repair)
+
+
+@contextmanager
+def bomb_guard(max_pixels: int) -> Iterator[None]:
+    """Pillow's decompression-bomb guard, for the calls inside, at the most stored pixels a budget of
+    ``max_pixels`` can take (a JPEG decoded at 1/8 scale: 64 x as many), its warning made an error:
+    Pillow then refuses to open a larger file. Pillow's own limit is back on exit, so nothing else in
+    the process (predict's other work, plots, user code) runs without it."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_REDUCTION**2 * max_pixels
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(path: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only, no pixels), with every refusal as ``UnreadableImage``."""
+    try:
+        return Image.open(path)
     except UnidentifiedImageError:
         raise UnreadableImage("not an image: content is no image format Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(
+            f"over the pixel budget: more than {MAX_REDUCTION**2} x {max_pixels / 1e6:g} MP, over it even at "
+            f"1/{MAX_REDUCTION} scale; Pillow takes it for a decompression bomb (raise --max-pixels to keep it)"
+        ) from None
     except OSError as exc:
         raise UnreadableImage(f"cannot open: {first_line(exc)}") from None
-    with image:
+
+
+def draft(image: Image.Image, scale: int) -> None:
+    """Have a JPEG decoded at 1/``scale`` (1: as stored). Pillow picks the largest scale that leaves at
+    least the size asked for, so the size asked is rounded down: rounded up, a side that ``scale`` does
+    not divide would get half the scale, and 4 x the pixels."""
+    if scale > 1:
         width, height = image.size
-        facts = file_facts(image, path)
-        if min(width, height) < min_side:
-            raise UnreadableImage(f"too small: {width}x{height} px, shorter side under {min_side} px")
-        scale = reduced_decode_scale(image, long_side, max_pixels)
-        if scale > 1:
-            image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
-        if load_intact(image, repair_truncated):
-            return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), facts)
-    pixels, repair = repair_truncated_jpeg(Path(path).read_bytes(), scale)
-    return DecodedImage(pixels, facts, repair=repair)
+        image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
 
 
 def first_line(exc: BaseException) -> str:
@@ -90,16 +132,21 @@ def reduced_decode_scale(image: Image.Image, long_side: int | None, max_pixels: 
     width, height = image.size
     scale = 1
     if long_side is not None and image.format == "JPEG":
-        scale = min(8, 2 ** int(math.log2(max(1, max(width, height) // long_side))))
-    while (width // scale) * (height // scale) > max_pixels and scale < 8:
+        scale = min(MAX_REDUCTION, 2 ** int(math.log2(max(1, max(width, height) // long_side))))
+    while decoded_pixels(width, height, scale) > max_pixels and scale < MAX_REDUCTION:
         scale *= 2
-    if (width // scale) * (height // scale) > max_pixels or (scale > 1 and image.format != "JPEG"):
+    if decoded_pixels(width, height, scale) > max_pixels or (scale > 1 and image.format != "JPEG"):
         detail = "even at 1/8 scale" if image.format == "JPEG" else "and only JPEGs can be decoded reduced"
         raise UnreadableImage(
             f"over the pixel budget: {width}x{height} = {width * height / 1e6:.0f} MP > "
             f"{max_pixels / 1e6:.0f} MP {detail} (raise --max-pixels to keep it)"
         )
     return scale
+
+
+def decoded_pixels(width: int, height: int, scale: int) -> int:
+    """Pixels of a ``width`` x ``height`` JPEG decoded at 1/``scale``: libjpeg rounds each side up."""
+    return -(-width // scale) * -(-height // scale)
 
 
 def load_intact(image: Image.Image, repair_truncated: bool) -> bool:
@@ -150,9 +197,7 @@ def repair_truncated_jpeg(data: bytes, scale: int) -> tuple[np.ndarray, str]:
 
 def decode_truncated(data: bytes, scale: int) -> Image.Image:
     image = Image.open(io.BytesIO(data))
-    if scale > 1:
-        width, height = image.size
-        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+    draft(image, scale)
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
         image.load()

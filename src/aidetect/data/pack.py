@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, decode_image, first_line
+from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, bomb_guard, decode_image, first_line
 from aidetect.data.degrade import jpeg
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
 from aidetect.data.packformat import AUDIT_FILES, CLASSES, FORMAT, MANIFEST
@@ -182,15 +182,18 @@ def decode_and_preprocess(
     path: str | os.PathLike, settings: PackSettings, perturb: Callable[[np.ndarray], np.ndarray] | None = None
 ) -> tuple[DecodedImage, np.ndarray]:
     """One raw file as a pack with ``settings`` stores it (before encoding); ``predict`` uses it too, with
-    ``perturb`` (``predict --perturb``) applied to the decoded pixels before the parity codec."""
-    decoded = decode_image(
-        path,
-        long_side=settings.size if settings.mode == "resize" else None,
-        min_side=settings.min_side,
-        max_pixels=settings.max_pixels,
-        repair_truncated=settings.on_truncated == "repair",
-    )
-    pixels = apply_parity(perturb(decoded.pixels) if perturb else decoded.pixels, settings.parity)
+    ``perturb`` (``predict --perturb``) applied to the decoded pixels before the parity codec. Pillow's
+    bomb guard is set for the pack's budget throughout (``bomb_guard``): the parity codec reopens images
+    of up to that size."""
+    with bomb_guard(settings.max_pixels):
+        decoded = decode_image(
+            path,
+            long_side=settings.size if settings.mode == "resize" else None,
+            min_side=settings.min_side,
+            max_pixels=settings.max_pixels,
+            repair_truncated=settings.on_truncated == "repair",
+        )
+        pixels = apply_parity(perturb(decoded.pixels) if perturb else decoded.pixels, settings.parity)
     return decoded, preprocess(pixels, settings.mode, settings.size)
 
 
