@@ -302,7 +302,7 @@ def pack_shards(
     records = parallel_imap(partial(pack_one, settings=settings), files, workers)
     bar = tqdm(total=len(files), desc="pack", unit="img", disable=None if progress is None else not progress)
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, stop.deferred():  # the loop checks for a stop after each image
             for plan in todo:
                 shard = []
                 for _ in plan.files:
