@@ -37,19 +37,25 @@ def test_bench_data_measures_every_stage_and_writes_json(synth_dir: Path, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench0.json", "bench1.json", "shards"]
 
 
-def test_bench_train_compares_the_loop_with_bare_pytorch(tmp_path: Path) -> None:
+def test_bench_train_compares_the_loop_with_bare_pytorch_and_with_the_loader_feeding_it(
+    tiny_pack: Path, tmp_path: Path
+) -> None:
     args = ["bench", "train", "--json", str(tmp_path / "train.json"), "--model", "seed_cnn1", "--image-size", "32"]
-    result = run_cli(*args, "--batch-size", "8", "--steps", "4", "--precisions", "fp32,bf16")
+    args += ["--data", str(tiny_pack), "--workers", "2"]
+    result = run_cli(*args, "--batch-size", "8", "--steps", "4", "--precisions", "fp32,bf16,auto")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads((tmp_path / "train.json").read_text())
     assert figures["loop_overhead_ratio"] == figures["loop_img_per_s"] / figures["bare_img_per_s"] > 0
-    assert set(figures["settings"]) == {
+    assert set(figures["settings"]) == {  # auto is fp32 on the CPU: timed once
         "fp32/contiguous",
         "fp32/channels_last",
         "bf16/contiguous",
         "bf16/channels_last",
     }
     assert all(rate > 0 for rate in figures["settings"].values()) and figures["device"] == "cpu"
-    assert "loop_overhead_ratio" in result.stdout
+    fed = figures["loader_fed"]
+    assert fed["pack"] == str(tiny_pack) and fed["workers"] == 2
+    assert fed["vs_in_memory"] == fed["img_per_s"] / figures["loop_img_per_s"] > 0
+    assert "loop_overhead_ratio" in result.stdout and "fed by the loader (2 workers" in result.stdout
     bad = run_cli("bench", "train", "--precisions", "fp8")
     assert bad.returncode == 2 and "--precisions: unknown fp8" in bad.stderr

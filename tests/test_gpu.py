@@ -2,9 +2,10 @@
 bf16, channels_last, torch.compile, ``--resume auto`` after a SIGKILL, evaluation on the GPU against the
 CPU, and JPEG decoding on the GPU against the workers'. Marked ``gpu`` and skipped where no CUDA GPU is
 visible, each with its reason (``pytest -rs`` lists them); ``bash hpc/gpu_check.sh`` runs them on a GPU
-node together with the benches.
+node together with the benches. This module imports neither submitit nor wandb, directly or through
+aidetect: GPU images without them run it.
 
-The last test is not marked ``gpu``: it runs that script on this machine with CUDA hidden.
+Not marked ``gpu``: torch.compile on the CPU, and the tests of that script and of its verdict.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from conftest import run_cli
 from test_train import AUGMENTED, kill_and_resume, torchrun, train_args, weights
 
+from aidetect.bench.gpu_check import problems
 from aidetect.checkpoint import load_checkpoint
 from aidetect.data import build_loader
+from aidetect.hardware import auto_precision
 from aidetect.metrics import METRIC_KEYS
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -93,8 +96,8 @@ def test_two_processes_with_nccl_train_like_one_with_the_same_global_batch(
 def test_precisions_and_channels_last_train_on_the_gpu(
     tiny_pack: Path, tmp_path: Path, precision: str, channels_last: bool
 ) -> None:
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip(f"gpu test: {torch.cuda.get_device_name()} has no bf16 (train.precision auto picks fp16 there)")
+    if precision == "bf16" and auto_precision("cuda", torch.cuda.get_device_capability()) != "bf16":
+        pytest.skip(f"gpu test: {torch.cuda.get_device_name()} has no bf16 tensor cores (auto picks fp16 there)")
     out = tmp_path / "run"
     extra = ["--epochs", "1", "--precision", precision, "--model", "seed_cnn2", "--batch-size", "8"]
     result = run_cli(*train_args(tiny_pack, out, *extra, "--set", f"model.channels_last={str(channels_last).lower()}"))
@@ -111,13 +114,18 @@ def test_precisions_and_channels_last_train_on_the_gpu(
         assert math.isfinite(scaler["scale"]) and scaler["scale"] > 0
 
 
-@pytest.mark.gpu
-@needs_gpu
-def test_torch_compile_trains_on_the_gpu(tiny_pack: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.gpu, needs_gpu]), "cpu"])
+def test_torch_compile_trains_through_the_compiled_model(tiny_pack: Path, tmp_path: Path, device: str) -> None:
+    """torch's own log shows dynamo tracing the model's forward and inductor compiling it: the training
+    steps ran through the compiled module (evaluation runs the plain one, so nothing else calls it). On the
+    CPU inductor compiles C++ with the system's compiler: a minute the first time, cached after."""
     out = tmp_path / "compiled"
-    result = run_cli(*train_args(tiny_pack, out, "--epochs", "1", "--batch-size", "8", "--set", "model.compile=true"))
+    args = train_args(tiny_pack, out, "--epochs", "1", "--batch-size", "8", "--set", "model.compile=true")
+    result = run_cli(*args, "--set", f"train.device={device}", env=os.environ | {"TORCH_LOGS": "dynamo"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "cuda, fp32" in result.stdout
+    assert f"{device}, fp32" in result.stdout
+    assert "torchdynamo start tracing forward" in result.stderr, result.stderr[-2000:]
+    assert "done compiler function inductor" in result.stderr
     state = load_checkpoint(out / "last.pt")["model"]
     assert not any(key.startswith("_orig_mod") for key in state) and finite(state)  # plain weights
 
@@ -179,13 +187,11 @@ def test_gpu_decoding_agrees_with_the_workers_and_trains(tiny_pack: Path, tmp_pa
     assert "cuda" in result.stdout and finite(weights(tmp_path / "run"))
 
 
-def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(tmp_path: Path) -> None:
-    """``hpc/gpu_check.sh`` with CUDA hidden: exit 0, JSON with ``gpu`` null and every gpu test skipped."""
+def gpu_check(out: Path, tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    """``hpc/gpu_check.sh OUT`` with CUDA hidden and ``settings`` in its environment, from ``tmp_path``."""
     repo = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gpu_check.json"
-    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
-    env["GPU_CHECK_TESTS"] = "tests/test_gpu.py"  # collecting the whole suite only to deselect it takes ~10 s
-    result = subprocess.run(
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)} | settings
+    return subprocess.run(
         ["bash", str(repo / "hpc" / "gpu_check.sh"), str(out)],
         cwd=tmp_path,  # the script finds the repository itself; a relative JSON path is the caller's
         capture_output=True,
@@ -193,11 +199,86 @@ def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(tmp_path:
         timeout=300,
         env=env,
     )
+
+
+@pytest.fixture
+def without_submitit_and_wandb(tmp_path: Path) -> str:
+    """A PYTHONPATH under which ``import submitit`` and ``import wandb`` fail as if neither were installed."""
+    for name in ("submitit", "wandb"):
+        (tmp_path / "absent" / name).mkdir(parents=True)
+        (tmp_path / "absent" / name / "__init__.py").write_text(f'raise ImportError("No module named {name!r}")\n')
+    path = os.pathsep.join(filter(None, [str(tmp_path / "absent"), os.environ.get("PYTHONPATH")]))
+    for name in ("submitit", "wandb"):
+        env = os.environ | {"PYTHONPATH": path}
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, env=env)
+        assert probe.stderr.rstrip().endswith(f"ImportError: No module named '{name}'"), probe.stderr
+    return path
+
+
+def test_gpu_check_script_without_a_gpu_lists_the_gpu_tests_as_skipped(
+    tmp_path: Path, without_submitit_and_wandb: str
+) -> None:
+    """``hpc/gpu_check.sh`` with CUDA hidden, its default test path and neither submitit nor wandb
+    importable (as on a GPU image without them): exit 0, JSON with ``gpu`` null and every gpu test skipped."""
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check(out, tmp_path, PYTHONPATH=without_submitit_and_wandb)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "no GPU visible" in result.stdout
     report = json.loads(out.read_text())
     tests = report["tests"]
+    assert report["passed"] and report["failures"] == []
     assert report["gpu"] is None and report["bench"] == {"skipped": "no GPU visible"}
-    assert tests["skipped"] >= 8 and tests["passed"] == tests["failed"] == tests["errors"] == 0
+    assert tests["skipped"] == tests["collected"] >= 9 and tests["passed"] == tests["failed"] == tests["errors"] == 0
     assert all("no CUDA GPU visible" in reason for reason in tests["skip_reasons"])
     assert "SKIPPED" in result.stdout and "gpu test: no CUDA GPU visible" in result.stdout  # as pytest -rs lists
+
+
+def test_gpu_check_script_fails_saying_why_when_out_of_time(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    result = gpu_check(out, tmp_path, GPU_CHECK_BUDGET_S="10")  # under the 20 s a step needs to start
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failures"] == [
+        "probe: not run, out of time (10 s of GPU_CHECK_BUDGET_S left)",
+        "gpu-tests: not run, out of time (10 s of GPU_CHECK_BUDGET_S left)",
+    ]
+    assert not report["passed"] and "FAILED:" in result.stdout and "unknown, the node was not probed" in result.stdout
+
+
+def step(name: str, status: str = "ok", exit_code: int = 0) -> dict:
+    return {"step": name, "status": status, "seconds": 1, "exit_code": exit_code, "limit_s": 90}
+
+
+def outcome(passed: int = 0, failed: int = 0, skipped: int = 0) -> dict:
+    """The gpu tests' part of the report, as the script and ``junit_outcome`` make it."""
+    return {
+        "paths": "tests/test_gpu.py",
+        "status": "failed" if failed else "ok",
+        "collected": passed + failed + skipped,
+        "passed": passed,
+        "failed": failed,
+        "errors": 0,
+        "skipped": skipped,
+        "skip_reasons": ["gpu test: no CUDA GPU visible"] if skipped else [],
+        "failures": [f"tests/test_gpu.py::test_{i}" for i in range(failed)],
+    }
+
+
+@pytest.mark.parametrize(
+    ("gpu_visible", "steps", "tests", "expected"),
+    [
+        (False, [step("gpu-tests")], outcome(skipped=9), []),
+        (True, [step("gpu-tests"), step("bench-data")], outcome(passed=8, skipped=1), []),
+        (True, [step("gpu-tests")], outcome(skipped=9), ["gpu tests: a GPU is visible but all 9 skipped, none ran"]),
+        (True, [step("gpu-tests", "failed", 5)], outcome(), ["gpu-tests: failed (exit 5", "gpu tests: none collected"]),
+        (True, [step("gpu-tests", "failed", 1)], outcome(passed=7, failed=1), ["gpu-tests: failed", "gpu tests: 1"]),
+        (True, [step("gpu-tests"), step("bench-data", "timeout", 124)], outcome(passed=8), ["bench-data: cut at"]),
+        (True, [step("gpu-tests"), step("bench-data", "out of time", -1)], outcome(passed=8), ["bench-data: not run"]),
+    ],
+    ids=["no-gpu-all-skipped", "gpu-ran", "gpu-all-skipped", "none-collected", "a-test-failed", "cut", "out-of-time"],
+)
+def test_gpu_check_verdict_fails_a_check_that_tested_nothing_or_ran_out_of_time(
+    gpu_visible: bool, steps: list[dict], tests: dict, expected: list[str]
+) -> None:
+    found = problems(steps, tests, gpu_visible)
+    assert len(found) == len(expected) and all(map(str.startswith, found, expected)), found

@@ -19,6 +19,7 @@ All figures come from one run on the same images with the same number of worker 
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import shutil
@@ -178,26 +179,10 @@ def loader_rate(
 ) -> float:
     """Steady-state rate of the training loader over every split, with ``degrade`` applied to each image:
     shards to batched uint8 tensors ready to cross to the device or, ``normalized``, as a CPU training
-    loop sees them (normalised on this CPU).
-
-    A small pack is listed several times over so that one epoch holds at least ``min_images`` (the
-    same images, as the floor decodes them); a warm-up epoch first starts the persistent workers.
-    """
-    listed = select_shards(shards, list(read_manifest(shards)["splits"]))
-    repeats = -(-min_images // sum(s.count for s in listed))
-    dataset = ShardDataset(
-        listed * repeats,
-        batch_size=batch_size,
-        train=True,
-        side=read_side(shards, None),
-        seed=0,
-        rank=0,
-        world=1,
-        workers=workers,
-        degrade=degrade,
-        decode_on_device=decode_on_device,
+    loop sees them (normalised on this CPU). A warm-up epoch first starts the persistent workers."""
+    loader = repeated_loader(
+        shards, batch_size, workers, min_images, device=device, degrade=degrade, decode_on_device=decode_on_device
     )
-    loader = ShardLoader(dataset, device=torch.device(device), noise_std=0.0)
     epoch = loader.__iter__ if normalized else loader.uint8_batches
     loader.set_epoch(0)
     for _ in epoch():
@@ -208,6 +193,41 @@ def loader_rate(
     if device == "cuda":
         torch.cuda.synchronize()
     return images / (time.perf_counter() - started)
+
+
+def repeated_loader(
+    shards: str | Path,
+    batch_size: int,
+    workers: int,
+    min_images: int,
+    *,
+    crop: int | None = None,
+    device: str | torch.device = "cpu",
+    degrade: Augmentation | None = None,
+    decode_on_device: bool = False,
+) -> ShardLoader:
+    """The training loader (as ``build_loader`` makes it) over the shards of the pack at ``shards``, all
+    splits, listed in turn (and again from the first) until one epoch holds at least ``min_images``
+    images: a small pack then times as long as a large one, on the same images again."""
+    listed, total = [], 0
+    for shard in itertools.cycle(select_shards(shards, list(read_manifest(shards)["splits"]))):
+        if total >= min_images:
+            break
+        listed.append(shard)
+        total += shard.count
+    dataset = ShardDataset(
+        listed,
+        batch_size=batch_size,
+        train=True,
+        side=read_side(shards, crop),
+        seed=0,
+        rank=0,
+        world=1,
+        workers=workers,
+        degrade=degrade,
+        decode_on_device=decode_on_device,
+    )
+    return ShardLoader(dataset, device=torch.device(device), noise_std=0.0)
 
 
 def naive_rate(src: Path, shards: Path, size: int, limit: int) -> float:

@@ -3,7 +3,9 @@
 Both loops run the same model on the same in-memory batches at the same precision, so the ratio
 ``loop_overhead_ratio`` (ours / bare, target >= 0.95) isolates what aidetect's loop adds: progress,
 signal checks, accumulation bookkeeping, the scheduler. Then every (precision, channels_last,
-compile) setting asked for is timed with aidetect's loop.
+compile) setting asked for is timed with aidetect's loop. With a pack (``data``), the loop at the
+reference setting is also timed fed by the training loader, real batches decoded by its workers:
+``loader_fed.vs_in_memory`` below 1 is what the loader costs the GPU.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from aidetect.bench.data import machine
-from aidetect.data.shards import Batch
-from aidetect.engine import Stepper, autocast, train_one_epoch
+from aidetect.bench.data import machine, repeated_loader
+from aidetect.data.shards import Batch, ShardLoader
+from aidetect.engine import EpochResult, Stepper, autocast, train_one_epoch
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import resolve_precision
 from aidetect.models import build_model
@@ -88,24 +90,49 @@ def bare_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) ->
     return steps * len(batches[0].keys) / (time.perf_counter() - started)
 
 
-def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
-    """aidetect's ``train_one_epoch`` (with a progress callback that reads the loss every 20 steps)."""
+def make_stepper(settings: dict[str, Any]) -> Stepper:
     device, precision = settings["device"], settings["precision"]
     model, optimizer, scaler = setup(
         settings["name"], settings["image_size"], device, precision, settings["channels_last"], settings["compile_"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    stepper = Stepper(model, optimizer, scheduler, scaler, device, precision, 1, None, settings["channels_last"])
+    return Stepper(model, optimizer, scheduler, scaler, device, precision, 1, None, settings["channels_last"])
+
+
+def run_epoch(stepper: Stepper, batches: InMemoryBatches | ShardLoader, start_batch: int = 0) -> EpochResult:
+    """aidetect's ``train_one_epoch`` (with a progress callback that reads the loss every 20 steps)."""
     losses: list[float] = []
 
     def on_step(index: int, loss: torch.Tensor, images: int) -> None:
         if (index + 1) % 20 == 0:
             losses.append(loss.item())
 
-    train_one_epoch(stepper, InMemoryBatches(batches, warmup), 0, lambda index: False, on_step)
-    synchronize(device)
-    result = train_one_epoch(stepper, InMemoryBatches(batches, steps), 0, lambda index: False, on_step)
-    synchronize(device)
+    result = train_one_epoch(stepper, batches, start_batch, lambda index: False, on_step)
+    synchronize(stepper.device)
+    return result
+
+
+def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
+    """aidetect's loop on the same in-memory batches over and over."""
+    stepper = make_stepper(settings)
+    run_epoch(stepper, InMemoryBatches(batches, warmup))
+    result = run_epoch(stepper, InMemoryBatches(batches, steps))
+    return result.images / result.seconds
+
+
+def loader_fed_rate(pack: str, workers: int, batch_size: int, steps: int, warmup: int, **settings: Any) -> float:
+    """aidetect's loop fed by the training loader: ``pack``'s images decoded by ``workers`` processes,
+    cropped to the image size, normalised on the device, for an epoch of at least ``steps`` batches (the
+    pack listed as often as that takes). The last ``warmup`` batches of a first epoch start the workers."""
+    stepper = make_stepper(settings)
+    loader = repeated_loader(
+        pack, batch_size, workers, steps * batch_size, crop=settings["image_size"], device=settings["device"]
+    )
+    first = max(0, len(loader) - warmup)
+    loader.set_epoch(0, first)
+    run_epoch(stepper, loader, first)
+    loader.set_epoch(1)
+    result = run_epoch(stepper, loader)
     return result.images / result.seconds
 
 
@@ -119,8 +146,15 @@ def bench_train(
     warmup: int = 5,
     precisions: tuple[str, ...] = ("fp32", "bf16"),
     compile_: bool = False,
+    data: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
+    """Time the loops and write the figures to ``json_path``. ``precisions`` may hold ``auto`` (the one a
+    run's ``train.precision: auto`` picks here); bf16 on a GPU without bf16 is a ``UserError``. With
+    ``data`` (a pack holding images of at least ``image_size``), ``loader_fed`` times the reference
+    setting fed by the training loader with ``workers`` processes; else it is null."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = tuple(dict.fromkeys(resolve_precision(p, device) for p in precisions))
     batches = make_batches(batch_size, image_size, device)
     base = {"name": model, "image_size": image_size, "device": device, "compile_": False}
     default = base | {"precision": resolve_precision("auto", device), "channels_last": True}
@@ -137,12 +171,16 @@ def bench_train(
         "loop_img_per_s": ours,
         "loop_overhead_ratio": ours / bare,
         "settings": {},
+        "loader_fed": None,
     }
     for precision, channels_last, compiled in itertools.product(precisions, (False, True), (False, True)):
         if compiled and not compile_:
             continue
         settings = base | {"precision": precision, "channels_last": channels_last, "compile_": compiled}
         results["settings"][setting_name(settings)] = loop_rate(batches, steps, warmup, **settings)
+    if data:
+        fed = loader_fed_rate(data, workers, batch_size, steps, warmup, **default)
+        results["loader_fed"] = {"pack": str(data), "workers": workers, "img_per_s": fed, "vs_in_memory": fed / ours}
     if json_path:
         atomic_write_json(json_path, results)
     return results
@@ -165,4 +203,10 @@ def format_table(results: dict[str, Any]) -> str:
         "(target >= 0.95)",
     ]
     lines += [f"  {name:<28}{rate:>10.1f} img/s" for name, rate in results["settings"].items()]
+    fed = results["loader_fed"]
+    if fed:
+        lines.append(
+            f"fed by the loader ({fed['workers']} workers, {results['reference_setting']}): {fed['img_per_s']:.1f} "
+            f"img/s, {fed['vs_in_memory']:.3f} of the in-memory rate"
+        )
     return "\n".join(lines)
