@@ -126,6 +126,28 @@ def test_a_lost_node_ends_the_step_the_job_waits_for_nodes_and_resumes(
     finish_and_compare(job, out, log, reference)
 
 
+def test_a_hung_rank_is_named_within_the_timeout_and_the_job_requeues_and_resumes(
+    tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    timeout = 30
+    args = [*ARGS, "--set", f"train.dist_timeout_s={timeout}"]
+    job, out, log = submit_training(tiny_pack, tmp_path, args, "--nodes=2", "--ntasks-per-node=1")
+    wait_for_line(log, r"epoch 2 batch 3/")
+    hung = next(host for host, ranks in hosts_of_ranks(log).items() if 1 in ranks)
+    os.kill(task_pid(job, rank=1), signal.SIGSTOP)  # a hung file system, a stalled node: alive but silent
+    stopped = time.monotonic()
+    wait_for_line(log, r"requeueing job", timeout=timeout + 90)
+    waited = time.monotonic() - stopped
+    print(f"\n[figure] job requeued {waited:.1f} s after rank 1 stopped answering (train.dist_timeout_s {timeout})")
+    assert waited < timeout + 30
+    text = log.read_text()
+    assert f"aidetect: lost a peer; rank 1 ({hung}) stopped answering; rank 0" in text, text[-3000:]
+    assert "exit 4 (lost peer): requeue 1" in text
+    wait_for(job, {"PENDING", "REQUEUED"})
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the end of epoch 1: nothing saved since
+    finish_and_compare(job, out, log, reference)
+
+
 def test_a_killed_rank_of_a_submitit_job_requeues_it_and_it_resumes(
     tiny_pack: Path, tmp_path: Path, reference: dict[str, torch.Tensor]
 ) -> None:

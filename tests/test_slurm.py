@@ -160,3 +160,26 @@ def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pa
     assert "on 2 process(es), cpu" in text and "(restart 1)" in text and "resumed from" in text
     a, b = weights(tmp_path / "ref"), weights(out)
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_stopped_job_whose_requeue_slurm_refuses_fails_with_the_reason(tiny_pack: Path, tmp_path: Path) -> None:
+    job, out, log = submit_training(tiny_pack, tmp_path, ARGS, "--no-requeue")  # the user's flag wins
+    wait_for_line(log, r"epoch 2 batch 3/")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "FAILED"  # never COMPLETED unfinished
+    text = log.read_text()
+    assert "exit 3 (stopped): requeue 1 of at most" in text
+    assert re.search(r"SLURM refused to requeue it \(.*disabled.*\); the run is unfinished", text), text[-2000:]
+    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the position is saved for a new submission
+
+
+def test_a_multi_task_job_that_runs_train_in_its_batch_step_is_one_line(tiny_pack: Path, tmp_path: Path) -> None:
+    command = f"{sys.executable} -m aidetect.cli train --data {tiny_pack} --out {tmp_path / 'run'} {' '.join(ARGS)}"
+    job = submit("--ntasks=2", f"--output={tmp_path / 'wrap.out'}", "--wrap", command, cwd=tmp_path)
+    assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120) == "FAILED"
+    text = (tmp_path / "wrap.out").read_text()
+    assert text.strip().splitlines()[-1].startswith(f"aidetect: error: job {job} has 2 tasks"), text[-2000:]
+    assert "not by srun" in text and "Traceback" not in text
+    elapsed = sacct_field(job, "ElapsedRaw")
+    print(f"\n[figure] a 2-task job running train in its batch step failed after {elapsed} s")
+    assert int(elapsed) < 60
