@@ -103,7 +103,7 @@ class StopRequest:
         finally:
             self.depth -= 1
         if self.requested and not self.depth:
-            raise Stopped(f"{self.signal_name} arrived; the work so far is saved: run the same command again")
+            raise Stopped(f"{self.signal_name} arrived after the last step that could act on it: run it again")
 
     def request(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":
