@@ -76,7 +76,8 @@ def decode_image(
             scale = reduced_decode_scale(image, long_side, max_pixels)
             draft(image, scale)
             if load_intact(image, repair_truncated):
-                return DecodedImage(to_rgb(ImageOps.exif_transpose(image)), facts)
+                ImageOps.exif_transpose(image, in_place=True)  # a copy would be one more decoded image in memory
+                return DecodedImage(to_rgb(image), facts)
         pixels, repair = repair_truncated_jpeg(Path(path).read_bytes(), scale)
     return DecodedImage(pixels, facts, repair=repair)
 
@@ -265,9 +266,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         gray = np.asarray(image, dtype=np.float32).clip(0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba)  # its colour over white by its alpha, in place: no RGBA copies
+        return np.asarray(white)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image)

@@ -36,10 +36,20 @@ from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preprocess
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
+from aidetect.jobmemory import Memory, job_memory
 from aidetect.parallel import parallel_imap
 from aidetect.preemption import Stopped, StopRequest
 
 STATE_DIR = ".pack-state"
+
+# What one pack worker may hold: one image decoded within --max-pixels, at this many bytes per pixel,
+# and a fixed margin. Measured as the rise of a forked worker's peak resident set while it decodes and
+# preprocesses one 24 MP file: 10 bytes per pixel for RGB JPEGs and PNGs (Pillow's 4, numpy's 3 and the
+# copy its conversion makes), 11 for palette PNGs, 14.0-14.2 for RGBA, 16-bit and CMYK files. Repairing
+# a truncated JPEG peaks at 30 (two decodes compared), which a file as large as the budget rarely is.
+# The margin: a worker's own memory beyond what it shares with pack's process, 16-18 MB measured.
+BYTES_PER_PIXEL = 15
+WORKER_MARGIN = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,7 @@ def pack(
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Pack ``src`` into shards under ``out``; returns the manifest (with a ``run`` entry of timings).
+    ``workers`` processes (default: one per core), fewer when the job's memory holds fewer (``workers_within``).
 
     On a finished pack, only shards that no longer match the manifest are rewritten (``run`` lists them as
     ``restored``); when every shard matches, nothing is written and the manifest comes back without ``run``.
@@ -263,7 +274,7 @@ def pack(
     started = time.perf_counter()
     settings.validate()
     src, out = Path(src).resolve(), Path(out).resolve()
-    workers = workers or os.cpu_count() or 1
+    workers = workers_within(workers or os.cpu_count() or 1, settings.max_pixels, job_memory())
     candidates, pre_skipped, layout = scan_source(src)
     check_out_dir(src, out, settings)
     plans = plan_shards(candidates, settings)
@@ -286,6 +297,43 @@ def pack(
         shutil.rmtree(state)
     run |= {"processed": sum(len(p.files) for p in todo), "seconds": time.perf_counter() - started, "workers": workers}
     return manifest | {"run": run}
+
+
+def affordable_workers(workers: int, max_pixels: int, memory: int) -> int:
+    """How many of ``workers`` pack processes fit in ``memory`` bytes, each holding one image decoded within
+    ``max_pixels`` (``worker_bytes``): ``workers`` or fewer; 0 when not even one fits."""
+    return max(0, min(workers, memory // worker_bytes(max_pixels)))
+
+
+def worker_bytes(max_pixels: int) -> int:
+    """The most memory one pack worker holds with images decoded within ``max_pixels``."""
+    return max_pixels * BYTES_PER_PIXEL + WORKER_MARGIN
+
+
+def pixels_fitting(workers: int, memory: int) -> int:
+    """The largest --max-pixels at which ``workers`` pack processes fit in ``memory`` bytes (0: none)."""
+    return max(0, (memory // workers - WORKER_MARGIN) // BYTES_PER_PIXEL)
+
+
+def workers_within(workers: int, max_pixels: int, memory: Memory | None) -> int:
+    """``workers``, or as many as ``memory`` holds (``affordable_workers``), saying so in one line; all of
+    them when the memory is unknown. ``UserError`` when not even one fits."""
+    if memory is None:
+        return workers
+    fit = affordable_workers(workers, max_pixels, memory.bytes)
+    why = (
+        f"each may hold an image decoded at --max-pixels {max_pixels} ({worker_bytes(max_pixels) / 2**30:.1f} GB) "
+        f"and the job has {memory.bytes / 2**30:.1f} GB ({memory.source})"
+    )
+    if fit == 0:
+        lower = pixels_fitting(1, memory.bytes)
+        remedy = f"lower --max-pixels to {lower} or give" if lower else "give"
+        raise UserError(f"pack: not even one worker fits in memory: {why}; {remedy} the job more memory")
+    if fit < workers:
+        lower = pixels_fitting(workers, memory.bytes)
+        remedy = f"--max-pixels {lower} would let {workers} run, as would" if lower else f"{workers} need"
+        print(f"[aidetect] pack: {fit} workers instead of {workers}: {why}; {remedy} more memory", flush=True)
+    return fit
 
 
 def pack_shards(
