@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from aidetect.data.decode import decode_stored, decode_stored_batch, reduced_decode_scale
+from aidetect.data.decode import bomb_guard, decode_stored, decode_stored_batch, reduced_decode_scale
 from aidetect.data.degrade import Augmentation
 from aidetect.data.pack import PackSettings, pack, scan_source
 from aidetect.data.packformat import MANIFEST
@@ -134,8 +134,8 @@ def floor_rate(decode: Callable[[int], int], inputs: list, workers: int, *args: 
 def decode_raw(size: int, index: int) -> int:
     """Open and decode one raw file, reduced where pack may reduce it, and nothing else."""
     try:
-        with Image.open(_FLOOR_INPUTS[index]) as image:
-            scale = reduced_decode_scale(image, size, 250_000_000)
+        with bomb_guard(PackSettings.max_pixels), Image.open(_FLOOR_INPUTS[index]) as image:
+            scale = reduced_decode_scale(image, size, PackSettings.max_pixels)
             if scale > 1:
                 image.draft(image.mode, (image.size[0] // scale, image.size[1] // scale))
             image.load()
