@@ -30,7 +30,6 @@ from aidetect.audit import audit
 from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, DataConfig, save_config, to_dict, validate
 from aidetect.data.degrade import Augmentation
-from aidetect.data.integrity import DamagedShard
 from aidetect.data.shards import ShardLoader, build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
 from aidetect.data.stage import stage_pack
 from aidetect.distributed import (
@@ -251,9 +250,7 @@ class Trainer:
         shards = self.config.data.shards  # named as given; read where this node reads it
         try:
             report = audit(self.shards)
-        except DamagedShard:
-            raise  # the loaders would meet it later: stop now, with its one line
-        except UserError as exc:
+        except UserError as exc:  # a damaged shard too: the loaders stop on it with its sha256 verdict
             self.log(f"shortcut audit skipped: {exc}")
             return
         self.log(
