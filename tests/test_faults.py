@@ -19,6 +19,7 @@ from test_train import TORCHRUN, signal_group_at, train_args, weights
 from aidetect.checkpoint import load_checkpoint
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.synth import synth
+from aidetect.distributed import is_peer_failure
 from aidetect.errors import UserError
 from aidetect.hardware import CudaFacts, auto_precision, choose_device, choose_precision, memory_named
 from aidetect.preemption import OUT_OF_MEMORY_EXIT_CODE, OutOfMemory
@@ -171,3 +172,16 @@ def test_running_out_of_memory_is_one_line_naming_the_batch_size() -> None:
     assert OutOfMemory.exit_code == OUT_OF_MEMORY_EXIT_CODE
     with pytest.raises(ValueError), memory_named(16, cpu):  # anything else passes through
         raise ValueError("not memory")
+
+
+@pytest.mark.parametrize(
+    ("message", "lost"),
+    [  # what gloo said on the test cluster when a peer was SIGSTOPped or killed
+        ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 30000ms for recv", True),
+        ("Application timeout caused pair closure", True),  # from DDP's all-reduce in autograd's thread
+        ("[../gloo/transport/tcp/pair.cc:545] Read error [10.213.7.12]:23425: Connection reset by peer", True),
+        ("mat1 and mat2 shapes cannot be multiplied (4x10 and 12x1)", False),  # a bug stays a crash
+    ],
+)
+def test_a_failed_collective_is_told_from_a_bug(message: str, lost: bool) -> None:
+    assert is_peer_failure(RuntimeError(message)) is lost

@@ -149,12 +149,17 @@ class Heartbeat:
         self.stopped.set()
 
 
+# What torch's RuntimeErrors say when a collective failed for want of a peer. gloo's timeouts read "Timed
+# out waiting 30000ms for recv operation" from the main thread, "Application timeout caused pair closure"
+# from DDP's all-reduce in autograd's thread; a peer that exited, "Connection reset/closed by peer".
+PEER_FAILURE_MARKS = ("gloo", "NCCL", "Connection reset", "Connection closed", "pair closure", "Timed out waiting")
+
+
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective that failed because a peer closed its connection or timed out."""
     if isinstance(exc, dist.DistError):
         return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(mark in text for mark in ("gloo", "NCCL", "Connection reset"))
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in PEER_FAILURE_MARKS)
 
 
 def lost_peer_message(info: DistInfo, exc: BaseException) -> str:
