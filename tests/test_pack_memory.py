@@ -21,7 +21,7 @@ from aidetect.data.pack import (
 )
 from aidetect.data.synth import synth
 from aidetect.errors import UserError
-from aidetect.jobmemory import cgroup_memory, job_memory
+from aidetect.jobmemory import cgroup_memory, job_memory, own_resident_bytes
 
 GB = 2**30
 
@@ -48,9 +48,10 @@ def test_the_suggested_budget_is_the_largest_that_fits(memory: int) -> None:
 
 
 def test_the_job_memory_is_slurms_else_the_cgroups_never_more_than_the_machines(tmp_path: Path) -> None:
-    per_node = job_memory({"SLURM_MEM_PER_NODE": "1000"}, tmp_path)
-    assert per_node.source.startswith("SLURM_MEM_PER_NODE=1000 MB, less this process's ")
-    assert 0 < per_node.bytes < 1000 * 2**20  # what this process holds is taken off
+    allocated = own_resident_bytes() // 2**20 + 1000  # MB: this process (a long test session: GBs) and more
+    per_node = job_memory({"SLURM_MEM_PER_NODE": str(allocated)}, tmp_path)
+    assert per_node.source.startswith(f"SLURM_MEM_PER_NODE={allocated} MB, less this process's ")
+    assert 0 < per_node.bytes < allocated * 2**20  # what this process holds is taken off
     per_cpu = job_memory({"SLURM_MEM_PER_CPU": "500", "SLURM_CPUS_ON_NODE": "3"}, tmp_path)
     assert per_cpu.source.startswith("SLURM_MEM_PER_CPU=500 MB x SLURM_CPUS_ON_NODE=3") and per_cpu.bytes < 1500 * 2**20
     with pytest.raises(UserError, match=r"SLURM_MEM_PER_NODE='4G': not a whole number"):

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from PIL.JpegImagePlugin import get_sampling
 
-from aidetect.data.decode import decode_image
+from aidetect.data.decode import bomb_guard, decode_image
 from aidetect.data.degrade import jpeg
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.synth import DEFECT_OUTCOMES, pattern_strengths, periodic_trace, synth
@@ -77,7 +77,8 @@ def test_defects_are_written(tmp_path: Path) -> None:
     assert (tmp_path / "s" / "real" / "empty.jpg").stat().st_size == 0
     assert Image.open(tmp_path / "s" / "fake" / "cmyk.jpg").mode == "CMYK"
     assert Image.open(tmp_path / "s" / "fake" / "png_named.jpg").format == "PNG"
-    assert Image.open(tmp_path / "s" / "fake" / "huge_header.png").size == (40000, 30000)
+    with bomb_guard(PackSettings.max_pixels):  # Pillow refuses it elsewhere, as it should
+        assert Image.open(tmp_path / "s" / "fake" / "huge_header.png").size == (40000, 30000)
 
 
 def test_sources_are_subfolders_that_pack_records(tmp_path: Path) -> None:
