@@ -119,10 +119,10 @@ def distributed() -> Check:
     if world == 1:
         return Check("all-reduce", "ok", "one process: nothing to check (run under srun or torchrun)")
     try:
-        device = setup_distributed(ALLREDUCE_TIMEOUT_S).device
+        info = setup_distributed(ALLREDUCE_TIMEOUT_S)
         backend = dist.get_backend()
-        hosts = len(set(all_gather_objects(socket.gethostname())))
-        tensor = torch.ones(ALLREDUCE_BYTES // 4, device=device)
+        hosts = len(set(info.hosts))
+        tensor = torch.ones(ALLREDUCE_BYTES // 4, device=info.device)
         dist.all_reduce(tensor)  # warm-up: connections and buffers
         tensor.fill_(rank + 1)
         started = time.perf_counter()

@@ -167,16 +167,15 @@ class Trainer:
     def check_global_batch(self, path: Path, checkpoint: dict[str, Any]) -> None:
         """``UserError`` unless this run's global batch (processes x batch size, and accumulation) is the saved
         run's: the saved position counts global batches, which mean other samples under another global batch."""
-        data, optim = checkpoint["config"]["data"], checkpoint["config"]["optim"]
+        data, optim, world = checkpoint["config"]["data"], checkpoint["config"]["optim"], self.info.world
         saved_world = checkpoint.get("world", len(checkpoint["rng"]))
-        saved, ours = saved_world * data["batch_size"], self.info.world * self.config.data.batch_size
+        saved, ours = saved_world * data["batch_size"], world * self.config.data.batch_size
         if saved == ours and optim["accumulate"] == self.config.optim.accumulate:
             return
-        world = self.info.world
         fits = f"data.batch_size {saved // world}" if saved % world == 0 else "another number of processes"
         raise UserError(
             f"{path}: saved by {saved_world} process(es) x data.batch_size {data['batch_size']} x optim.accumulate "
-            f"{optim['accumulate']}; this run is {self.info.world} x {self.config.data.batch_size} x "
+            f"{optim['accumulate']}; this run is {world} x {self.config.data.batch_size} x "
             f"{self.config.optim.accumulate}: continue with {fits} and the same accumulate, or use a new run folder"
         )
 

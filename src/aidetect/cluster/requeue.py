@@ -66,14 +66,17 @@ def this_attempt(job_id: str, fallback: int) -> tuple[int, list[int]]:
             return fallback, []
         current = attempts[-1] if attempts else None
         if current is not None or time.monotonic() > deadline:
-            earlier = [status for status in attempts[:-1] if status is not None]
-            return (fallback if current is None else current), earlier
+            return (fallback if current is None else current), before_last(attempts)
         time.sleep(0.5)
 
 
 def earlier_attempts(job_id: str) -> list[int]:
     """The statuses of the job's attempts before this (running) one."""
-    attempts = job_attempts(job_id) or []
+    return before_last(job_attempts(job_id) or [])
+
+
+def before_last(attempts: list[int | None]) -> list[int]:
+    """The known statuses of every attempt but the last (this one)."""
     return [status for status in attempts[:-1] if status is not None]
 
 
@@ -112,11 +115,10 @@ def profile_max_requeues() -> int:
     return load_profile(name).max_requeues
 
 
-def decide(status: int, job_id: str | None) -> tuple[int, RequeueDecision]:
-    """(the attempt's status, the rule's decision) for the job step that just ended."""
-    history: list[int] = []
-    if job_id:
-        status, history = this_attempt(job_id, status)
+def decide(status: int, job_id: str) -> tuple[int, RequeueDecision]:
+    """(the attempt's status, the rule's decision) for the job step of ``job_id`` that just ended, srun
+    having returned ``status``."""
+    status, history = this_attempt(job_id, status)
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     return status, requeue_decision(status, restarts, profile_max_requeues(), history)
 

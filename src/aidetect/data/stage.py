@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ from aidetect.data.integrity import file_problem
 from aidetect.data.packformat import MANIFEST
 from aidetect.data.shards import read_manifest
 from aidetect.errors import UserError
-from aidetect.fileio import atomic_write_bytes, current_umask
+from aidetect.fileio import atomic_write_bytes, replaced_atomically
 
 LOCAL_SCRATCH_ENV = "AIDETECT_LOCAL_SCRATCH"  # a cluster's node-local folder, exported by submit from the profile
 SLOWEST_BYTES_PER_S = 10e6  # the slowest copy rate the wait for staging allows for
@@ -183,20 +182,15 @@ def copy_verified(pack: Path, folder: Path, entry: dict) -> None:
     """Copy shard ``entry`` of ``pack`` into ``folder``: to a temporary name there, checked against the
     manifest's size and sha256, then renamed. A copy that differs means the pack's own file is damaged:
     the ``UserError`` names it (and how to restore it)."""
-    source, target = pack / entry["name"], folder / entry["name"]
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; give it a normal file's mode
-    os.close(fd)
+    source = pack / entry["name"]
     try:
-        shutil.copyfile(source, temporary)
-        problem = file_problem(temporary, entry["bytes"], entry["sha256"])
-        if problem:
-            raise replace(problem, path=str(source)).error()
-        os.replace(temporary, target)
+        with replaced_atomically(folder / entry["name"]) as temporary:
+            shutil.copyfile(source, temporary)
+            problem = file_problem(temporary, entry["bytes"], entry["sha256"])
+            if problem:
+                raise replace(problem, path=str(source)).error()
     except OSError as exc:
         raise UserError(f"data.stage: copying {source} to {folder} failed ({exc.strerror or exc})") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def raise_first(error: str | None, group: Any) -> None:
