@@ -130,7 +130,9 @@ def test_a_process_stuck_in_pure_python_ends_on_sigterm_with_one_line() -> None:
         """
     )
     started = time.monotonic()
-    result = subprocess.run(["timeout", "2", sys.executable, "-c", script], capture_output=True, text=True)
+    # -k 10: a process that swallows the SIGTERM is killed 10 s later (exit 137), failing the test, not hanging it
+    command = ["timeout", "-k", "10", "2", sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert time.monotonic() - started < 10
     assert result.stdout == "looping\n" and result.returncode == 124  # timeout says it sent its signal
     assert result.stderr.strip() == "stopped: SIGTERM arrived before any work to save: run the same command again"
