@@ -122,10 +122,11 @@ def test_a_group_sigterm_during_validation_saves_the_trained_epoch_and_resume_en
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     for line in process.stdout:
-        if "epoch 1: validating" in line:  # SLURM's SIGTERM, frozen in place so that it lands in validation
-            os.killpg(process.pid, signal.SIGSTOP)
+        if "epoch 1: validating" in line:  # SLURM's SIGTERM to the group, the trainer frozen so that it lands
+            # in validation. Only the trainer: a SIGSTOP to the group can stop a worker it forks meanwhile for good.
+            os.kill(process.pid, signal.SIGSTOP)
             os.killpg(process.pid, signal.SIGTERM)
-            os.killpg(process.pid, signal.SIGCONT)
+            os.kill(process.pid, signal.SIGCONT)
             break
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr[-2000:]
