@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_bytes
 
 FORMAT = "aidetect-checkpoint/1"
@@ -35,7 +35,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)[:160]
         raise UserError(f"{path}: not a readable checkpoint (truncated or foreign file: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not an aidetect checkpoint (no {FORMAT!r} marker)")

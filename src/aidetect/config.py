@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 from aidetect.hardware import DEVICES, PRECISIONS
 
 
@@ -143,7 +143,7 @@ def read_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what}")
     return data

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from aidetect.cuda_builds import check_visible_gpus
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 from aidetect.hardware import choose_device, cuda_facts
 from aidetect.preemption import LostPeer
 
@@ -164,7 +164,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 def lost_peer_message(info: DistInfo, exc: BaseException) -> str:
     """One line naming the ranks (and hosts) that stopped answering, as far as the heartbeats tell."""
-    cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    cause = first_line(exc)[:200]
     silent = info.heartbeat.silent() if info.heartbeat else None
     host = dict(enumerate(info.hosts))
     if silent is None:

@@ -22,6 +22,7 @@ import aidetect
 from aidetect.cluster.profiles import Profile
 from aidetect.cuda_builds import check_visible_gpus
 from aidetect.distributed import all_gather_objects, cleanup_distributed, environment_ranks, setup_distributed
+from aidetect.errors import first_line
 from aidetect.hardware import cuda_facts, cuda_problem, resolve_precision
 
 ALLREDUCE_BYTES = 32 * 2**20
@@ -131,7 +132,7 @@ def distributed() -> Check:
         seconds = time.perf_counter() - started
     except Exception as exc:  # a rank that cannot reach the others: the check's answer, not a crash
         cleanup_distributed()  # the ranks cannot talk: each reports for itself
-        return Check("all-reduce", "FAIL", f"{world} ranks could not all-reduce: {str(exc).splitlines()[0]}")
+        return Check("all-reduce", "FAIL", f"{world} ranks could not all-reduce: {first_line(exc)}")
     bus_gb_s = ALLREDUCE_BYTES * 2 * (world - 1) / world / seconds / 1e9
     status, verdict = ("ok", "") if correct else ("FAIL", "; WRONG RESULT")
     return Check(

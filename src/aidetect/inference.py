@@ -26,7 +26,7 @@ from torch import nn
 from aidetect import plots
 from aidetect.checkpoint import load_checkpoint
 from aidetect.config import TrainConfig
-from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored, first_line
+from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored
 from aidetect.data.degrade import Perturbation
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.shards import build_loader, holdout_keep, read_manifest
@@ -34,7 +34,7 @@ from aidetect.data.transforms import center_crop, normalize_batch
 from aidetect.distributed import cleanup_distributed, peers_watched, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
 from aidetect.engine import stop_check
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
 from aidetect.hardware import memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics

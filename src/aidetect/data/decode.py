@@ -29,7 +29,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from aidetect.data.fileinfo import file_facts
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 MAX_MISSING_FRACTION = 0.5
@@ -120,11 +120,6 @@ def draft(image: Image.Image, scale: int) -> None:
     if scale > 1:
         width, height = image.size
         image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def reduced_decode_scale(image: Image.Image, long_side: int | None, max_pixels: int) -> int:
@@ -248,9 +243,9 @@ def decode_stored_batch(stored: list[bytes], device: torch.device, keys: list[st
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"a batch from sample {keys[0]} holds an image that decodes on no {device.type} JPEG decoder ({detail}); "
+            f"a batch from sample {keys[0]} holds an image that decodes on no {device.type} JPEG decoder "
+            f"({first_line(exc)}); "
             "decode on the CPU (data.decode cpu) to find its shard"
         ) from None
 

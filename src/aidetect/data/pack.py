@@ -28,13 +28,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, bomb_guard, decode_image, first_line
+from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, bomb_guard, decode_image
 from aidetect.data.degrade import jpeg
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
 from aidetect.data.packformat import AUDIT_FILES, CLASSES, FORMAT, MANIFEST
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preprocess
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_json
 from aidetect.jobmemory import Memory, job_memory
 from aidetect.parallel import parallel_imap
