@@ -37,7 +37,6 @@ RESUME_EXIT_CODE = 3  # "stopped on a signal, work saved: run the same command a
 LOST_PEER_EXIT_CODE = 4  # another rank died or stopped answering: requeue and resume from last.pt
 OUT_OF_MEMORY_EXIT_CODE = 5  # CUDA out of memory: the same batch size fails again, never requeued
 WATCHDOG_ABORT_STATUS = 128 + signal.SIGABRT  # NCCL's watchdog aborting a process whose peer is gone
-DEFAULT_MAX_REQUEUES = 5  # SLURM's MaxBatchRequeue default; SDSC Expanse holds a job after 5 requeues
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 

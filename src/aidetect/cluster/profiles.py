@@ -16,15 +16,15 @@ from typing import Any
 
 from aidetect.config import Config, build, read_mapping
 from aidetect.errors import UserError
-from aidetect.preemption import DEFAULT_MAX_REQUEUES
 
 PROFILES_ENV = "AIDETECT_PROFILES"
+EXECUTORS = ("slurm", "local")  # local: submitit's LocalExecutor, for a workstation without SLURM
 
 
 @dataclass
 class Profile:
     name: str
-    executor: str = "slurm"  # slurm | local (submitit's LocalExecutor, for a workstation)
+    executor: str = "slurm"  # one of EXECUTORS
     account: str | None = None
     partition: str | None = None
     partitions: list[str] = field(default_factory=list)  # the partitions that exist, to catch typos
@@ -37,7 +37,9 @@ class Profile:
     local_scratch: str | None = None  # node-local folder for data.stage auto ($VARS expanded on each node)
     time_limit_min: int = 60
     signal_delay_s: int = 120
-    max_requeues: int = DEFAULT_MAX_REQUEUES  # restarts after preemption, time limit or a lost task, all told
+    # Restarts after preemption, time limit or a lost task, all told; the cap of every job, submitit or sbatch
+    # (without $AIDETECT_PROFILE: this default, SLURM's MaxBatchRequeue; SDSC Expanse holds a job after 5).
+    max_requeues: int = 5
     setup: list[str] = field(default_factory=list)
     runs_dir: str | None = None  # a relative --out resolves under it ($VARS expanded)
     data_dir: str | None = None  # a relative --data resolves under it ($VARS expanded)
@@ -78,8 +80,8 @@ def load_profile(name_or_path: str, **overrides: Any) -> Profile:
 
 
 def check(profile: Profile, path: Path) -> None:
-    if profile.executor not in ("slurm", "local"):
-        raise UserError(f"{path}: executor must be slurm or local, got {profile.executor!r}")
+    if profile.executor not in EXECUTORS:
+        raise UserError(f"{path}: executor must be {' or '.join(EXECUTORS)}, got {profile.executor!r}")
     if profile.partitions and profile.partition not in profile.partitions:
         raise UserError(
             f"{path}: partition {profile.partition!r} is not one of this cluster's: {', '.join(profile.partitions)}"

@@ -7,7 +7,7 @@ says 4. Earlier attempts (``sacct --duplicates``) tell whether a crash was alrea
 
 ``python -m aidetect.cluster.requeue --exit-status N --job ID`` is what ``slurm/common.sh`` runs after its
 job step (see ``main``); the cap is the ``max_requeues`` of the profile ``$AIDETECT_PROFILE`` names (the
-same key submitit jobs read), else ``DEFAULT_MAX_REQUEUES``.
+same key submitit jobs read), else the default of ``Profile.max_requeues``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from aidetect.cluster.profiles import Profile, load_profile
 from aidetect.errors import UserError
-from aidetect.preemption import DEFAULT_MAX_REQUEUES, RequeueDecision, requeue_decision
+from aidetect.preemption import RequeueDecision, requeue_decision
 
 SACCT_WAIT_S = 10.0  # how long the step's end may take to reach the accounting records
 PROFILE_ENV = "AIDETECT_PROFILE"
@@ -106,13 +107,9 @@ def refused(job_id: str, reason: str) -> str:
 
 
 def profile_max_requeues() -> int:
-    """``max_requeues`` of the profile ``$AIDETECT_PROFILE`` names, else the default."""
+    """``max_requeues`` of the profile ``$AIDETECT_PROFILE`` names, else the default of ``Profile``."""
     name = os.environ.get(PROFILE_ENV)
-    if not name:
-        return DEFAULT_MAX_REQUEUES
-    from aidetect.cluster.profiles import load_profile
-
-    return load_profile(name).max_requeues
+    return load_profile(name).max_requeues if name else Profile.max_requeues
 
 
 def decide(status: int, job_id: str) -> tuple[int, RequeueDecision]:
