@@ -1,21 +1,40 @@
-"""Shared fixtures: one small synthetic dataset with every defect, packed once per test session."""
+"""Shared fixtures (one small synthetic dataset with every defect, packed once per test session) and the
+markers of tests that need more than this machine:
+
+- ``slurm``: needs the local SLURM test cluster (``sudo bash hpc/local_cluster/start.sh --nodes 3``);
+- ``multinode``: needs that cluster with 2 or more nodes (hosts of their own);
+- ``gpu``: needs a CUDA GPU; tests/test_gpu.py skips those itself, each with its reason.
+
+Whether the cluster answers is decided once per session (``sinfo``, at most 15 s) and only when a selected
+test is marked ``slurm`` or ``multinode``. Where it does not answer, or has fewer than 2 nodes for a
+``multinode`` test, those tests SKIP with the reason, so that ``pytest -m "not slurm and not multinode and not
+gpu"`` and a plain ``pytest`` both work on a machine without a cluster. Under CI (the environment variable
+``CI`` set to anything but "", "0" or "false", as CI services and .ci/run set it) they FAIL with the same
+reason instead: CI starts the cluster before pytest, and a cluster that died or never came up must not turn
+its tests into silent skips.
+
+Shared helpers live in tests/helpers/ (imported as ``helpers.*``; asserts in them are rewritten as in tests).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
+pytest.register_assert_rewrite("helpers")  # before the first import of a helper
 
-from aidetect.data.pack import PackSettings, pack
-from aidetect.data.synth import synth
+from helpers.slurm import START, cluster_nodes, unanswered  # noqa: E402
+
+from aidetect.data.pack import PackSettings, pack  # noqa: E402
+from aidetect.data.synth import synth  # noqa: E402
 
 SYNTH_N = 48
 SHARD_SIZE = 6
+CLUSTER_MARKERS = ("slurm", "multinode")
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +60,37 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """Run the installed command line as a user would, in a fresh process."""
-    return subprocess.run(
-        [sys.executable, "-m", "aidetect.cli", *args], capture_output=True, text=True, timeout=600, **kwargs
+@pytest.fixture
+def nodes() -> list[str]:
+    """The cluster's node names, at the time the test starts (``multinode`` made sure there are 2 or more)."""
+    return cluster_nodes()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+@functools.cache
+def cluster_missing(multinode: bool) -> str | None:
+    """Why the cluster cannot run a ``slurm`` test (``multinode``: a ``multinode`` one), in one line; None when
+    it can. Decided once per session and kind: ``sinfo`` at most once."""
+    reason = cluster_missing(False) if multinode else unanswered()
+    if reason or not multinode:
+        return reason
+    names = cluster_nodes()
+    if len(names) >= 2:
+        return None
+    return (
+        f"cross-host tests need a cluster of 2 or more nodes, this one has {len(names)} ({', '.join(names)}): {START}"
     )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``slurm`` or ``multinode`` test the cluster cannot run skips (fails under CI), before its fixtures."""
+    marks = {marker.name for marker in item.iter_markers() if marker.name in CLUSTER_MARKERS}
+    reason = cluster_missing("multinode" in marks) if marks else None
+    if reason and in_ci():
+        pytest.fail(f"{reason} (CI is set: a cluster test must not skip)", pytrace=False)
+    if reason:
+        pytest.skip(reason)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers.commands import run_cli
 
 KEYS = (
     "pack_img_per_s",

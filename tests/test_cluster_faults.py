@@ -13,25 +13,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_multinode import hosts_of_ranks, nodes  # noqa: F401  (nodes: skips on one node)
-from test_slurm import (
+from helpers.slurm import (
     ARGS,
     REPO,
     cluster_nodes,
+    hosts_of_ranks,
     release,
     state,
+    submit_cli,
     submit_training,
     two_rank_run,
     wait_for,
     wait_for_line,
-    weights,
 )
-from test_submit import submit_cli
+from helpers.training import weights
 
 from aidetect.checkpoint import load_checkpoint
 
 CLUSTER = REPO / "hpc" / "local_cluster"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(scope="module")

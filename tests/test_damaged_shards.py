@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers.commands import run_cli
 
 from aidetect.data.pack import encode
 from aidetect.data.shards import (

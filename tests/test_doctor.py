@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import run_cli
+from helpers.commands import run_cli
 
 CHECKS = ("versions", "gpus", "gpu build", "precision", "all-reduce", "disk", "wandb")
 

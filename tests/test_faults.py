@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_train import TORCHRUN, signal_group_at, train_args, weights
+from helpers.commands import run_cli, signal_group_at, torchrun_command
+from helpers.training import train_args, weights
 
 from aidetect.checkpoint import load_checkpoint
 from aidetect.data.pack import PackSettings, pack
@@ -147,7 +147,7 @@ def test_resume_on_another_number_of_processes_needs_the_same_global_batch(tiny_
     reference = run_cli(*train_args(tiny_pack, tmp_path / "reference", *args, "--batch-size", "8"))
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "two-then-one"
-    command = [*TORCHRUN, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args, "--batch-size", "4")]
+    command = torchrun_command("-m", "aidetect.cli", *train_args(tiny_pack, out, *args, "--batch-size", "4"))
     stopped = signal_group_at(command, "epoch 2 batch 2/", signal.SIGTERM, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert stopped.stderr.count("aidetect: stopped by a signal") == 2, stopped.stderr[-3000:]
     position = load_checkpoint(out / "last.pt")["state"]

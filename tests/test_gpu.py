@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_train import AUGMENTED, kill_and_resume, torchrun, train_args, weights
+from helpers.commands import run_cli, torchrun
+from helpers.training import AUGMENTED, kill_and_resume, train_args, weights
 
 from aidetect.bench.gpu_check import problems
 from aidetect.checkpoint import load_checkpoint

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from helpers.commands import torchrun_command
 
 from aidetect.data import build_loader, fold_splits, read_manifest
 from aidetect.data.degrade import Augmentation
@@ -61,8 +62,7 @@ def test_workers_take_batches_round_robin(workers: int) -> None:
 def test_two_ranks_under_torchrun(packed_dir: Path, tmp_path: Path, workers: int) -> None:
     batch = 4
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(PROBE), str(packed_dir), str(tmp_path / "probe"), str(batch), str(workers), "4"]
+    command = torchrun_command(str(PROBE), str(packed_dir), str(tmp_path / "probe"), str(batch), str(workers), "4")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"probe.rank{r}.json").read_text()) for r in range(2)]

@@ -5,54 +5,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_slurm import cluster_nodes, options, submit_training, wait_for, weights
-from test_submit import submit_cli
+from helpers.slurm import direct_run, hosts_of_ranks, options, submit_cli, submit_training, wait_for
+from helpers.training import weights
 
 # One process at batch 8 is the reference for every run below at the same global batch of 8.
 GLOBAL_BATCH = 8
 DETERMINISTIC = ("--set", "train.deterministic=true")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def nodes() -> list[str]:
-    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
-        pytest.fail("no SLURM cluster answers: start one with 'sudo bash hpc/local_cluster/start.sh --nodes 3'")
-    names = cluster_nodes()
-    if len(names) < 2:
-        pytest.skip(
-            f"cross-host tests need a cluster of 2 or more nodes, this one has {len(names)} ({', '.join(names)}): "
-            "start it with 'sudo bash hpc/local_cluster/start.sh --nodes 3'"
-        )
-    return names
+pytestmark = pytest.mark.multinode
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_pack: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """Weights of one process trained at the global batch, one thread as the jobs' tasks."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    args = options(2, GLOBAL_BATCH, *DETERMINISTIC)
-    result = run_cli(
-        "train", "--data", str(tiny_pack), "--out", str(out), *args, env=os.environ | {"OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    direct_run(tiny_pack, out, options(2, GLOBAL_BATCH, *DETERMINISTIC))
     return weights(out)
-
-
-def hosts_of_ranks(log: Path) -> dict[str, list[int]]:
-    """Rank 0's "ranks by host: HOST: 0,1; HOST2: 2,3" line, as {HOST: [0, 1], HOST2: [2, 3]}."""
-    match = re.search(r"ranks by host: (.*)", log.read_text())
-    assert match, f"no 'ranks by host' line in {log}"
-    hosts = (entry.split(": ") for entry in match.group(1).strip().split("; "))
-    return {host: [int(rank) for rank in ranks.split(",")] for host, ranks in hosts}
 
 
 def assert_spread(hosts: dict[str, list[int]], nodes: list[str], ranks_per_host: int) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import SHARD_SIZE, SYNTH_N, run_cli
+from conftest import SHARD_SIZE, SYNTH_N
+from helpers.commands import run_cli
 from PIL import Image
 
 from aidetect.data.decode import decode_stored

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers.commands import run_cli
 from PIL import Image
 
 from aidetect.data.pack import (

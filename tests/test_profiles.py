@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers.commands import run_cli
 
 from aidetect.cluster.profiles import Profile, load_profile, place
 from aidetect.cluster.submit import make_executor

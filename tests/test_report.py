@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers.plots import assert_png
 
 from aidetect.cluster.report import cv_report, wandb_values
 from aidetect.metrics import Predictions, compute_metrics
@@ -49,12 +49,6 @@ def assert_mean_std(stats: dict, key: str, values: list[float]) -> None:
     expected = np.array(values, dtype=float)
     assert stats["mean"][key] == pytest.approx(expected.mean())
     assert stats["std"][key] == pytest.approx(expected.std(ddof=1))
-
-
-def assert_png(path: Path) -> None:
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        image.verify()
 
 
 def test_per_source_tables_are_aggregated_across_folds(tmp_path: Path) -> None:

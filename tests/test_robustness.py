@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from test_train import torchrun, train_args
+from helpers.commands import run_cli, torchrun
+from helpers.training import train_args
 
 from aidetect.cli import main
 from aidetect.data.decode import decode_stored

@@ -2,137 +2,29 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers.slurm import (
+    ARGS,
+    direct_run,
+    release,
+    sacct_field,
+    submit,
+    submit_training,
+    two_rank_run,
+    wait_for,
+    wait_for_line,
+)
+from helpers.training import weights
 
 from aidetect.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-SBATCH = REPO / "slurm" / "train.sbatch"
-
-
-def options(epochs: int, batch_size: int, *extra: str) -> list[str]:
-    """`aidetect train` options for a small, fast CPU run."""
-    return [
-        "--model",
-        "seed_cnn1",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        str(batch_size),
-        "--precision",
-        "fp32",
-        "--set",
-        "data.workers=1",
-        "--set",
-        "train.log_every=1",
-        *extra,
-    ]
-
-
-ARGS = options(2, 4, "--set", "train.deterministic=true")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster() -> None:
-    if shutil.which("sinfo") is None or subprocess.run(["sinfo"], capture_output=True).returncode:
-        pytest.fail("no SLURM cluster answers: start one with 'sudo bash hpc/local_cluster/start.sh'")
-
-
-def submit(*args: str, cwd: Path) -> str:
-    env = os.environ | {"AIDETECT_VENV": sys.prefix, "AIDETECT_REPO": str(REPO), "WANDB_MODE": "offline"}
-    result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, cwd=cwd, env=env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
-
-
-def state(job: str) -> str:
-    result = subprocess.run(["sacct", "-j", job, "-X", "-n", "-o", "State"], capture_output=True, text=True)
-    return result.stdout.strip().split()[0] if result.stdout.strip() else "UNKNOWN"
-
-
-def wait_for(job: str, states: set[str], timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = state(job)
-        if current in states:
-            return current
-        time.sleep(0.5)
-    raise AssertionError(f"job {job} still {state(job)} after {timeout}s")
-
-
-def wait_for_line(path: Path, pattern: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and re.search(pattern, path.read_text()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{pattern!r} never appeared in {path}")
-
-
-def release(job: str) -> None:
-    """Start a requeued job now instead of after SLURM's ~2 minute hold. Not within the same second as
-    the requeue: slurmd refuses a relaunch whose credential is no newer than the revoked one."""
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-
-
-def cluster_nodes() -> list[str]:
-    return sorted(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()))
-
-
-def sacct_field(job_id: str, field: str) -> str:
-    """One field of a job as SLURM's accounting recorded it (for an array task: that task)."""
-    result = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field], capture_output=True, text=True)
-    return result.stdout.strip()
-
-
-def submit_training(pack: Path, tmp_path: Path, args: list[str], *sbatch_options: str) -> tuple[str, Path, Path]:
-    """slurm/train.sbatch on ``pack`` with ``args``: (job id, run folder, log file)."""
-    out = tmp_path / "job"
-    job = submit(*sbatch_options, str(SBATCH), "--data", str(pack), "--out", str(out), *args, cwd=tmp_path)
-    return job, out, tmp_path / f"aidetect-train-{job}.out"
-
-
-def direct_run(pack: Path, out: Path) -> None:
-    """The same training without SLURM, one thread per process as the jobs' tasks (cpus-per-task=1), so
-    that float sums happen in the same order and weights can be compared bit for bit."""
-    result = run_cli("train", "--data", str(pack), "--out", str(out), *ARGS, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def two_rank_run(pack: Path, out: Path) -> None:
-    """The jobs' two-task training under torchrun on this host, one thread per process as theirs."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "aidetect.cli",
-    ]
-    result = subprocess.run(
-        [*command, "train", "--data", str(pack), "--out", str(out), *ARGS],
-        capture_output=True,
-        text=True,
-        env=os.environ | {"OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "last.pt")["model"]
+pytestmark = pytest.mark.slurm
 
 
 def test_sbatch_train_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:

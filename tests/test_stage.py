@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_multinode import hosts_of_ranks
-from test_slurm import ARGS, REPO, cluster_nodes, two_rank_run, weights
-from test_submit import submit_cli
+from helpers.slurm import ARGS, REPO, hosts_of_ranks, submit_cli, two_rank_run
+from helpers.training import weights
 
 from aidetect.config import load_config, validate
 from aidetect.data.shards import read_manifest, verify_shards
@@ -121,16 +120,9 @@ def test_data_stage_is_none_auto_or_an_absolute_folder(tiny_pack: Path) -> None:
         validate(load_config(None, {"data.shards": str(tiny_pack), "data.stage": "scratch"}))
 
 
-@pytest.fixture
-def hosts() -> list[str]:
-    names = cluster_nodes()
-    if len(names) < 2:
-        pytest.skip(f"needs a cluster of 2 or more nodes, this one has {len(names)}: start.sh --nodes 3")
-    return names
-
-
+@pytest.mark.multinode
 def test_a_two_host_job_trains_on_its_nodes_copies_exactly_as_on_the_pack(
-    tiny_pack: Path, tmp_path: Path, hosts: list[str]
+    tiny_pack: Path, tmp_path: Path, nodes: list[str]
 ) -> None:
     two_rank_run(tiny_pack, tmp_path / "reference")
     # The hosts share this file system: a folder per host name stands for each node's own disk.
@@ -142,7 +134,7 @@ def test_a_two_host_job_trains_on_its_nodes_copies_exactly_as_on_the_pack(
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     log = Path(json.loads((run / "jobs.json").read_text())["jobs"][0]["stdout"])
     used = hosts_of_ranks(log)
-    assert len(used) == 2 and set(used) <= set(hosts)
+    assert len(used) == 2 and set(used) <= set(nodes)
     logs = "".join(path.read_text() for path in log.parent.glob("*_log.out"))
     for host in used:
         folder = tmp_path / host / tiny_pack.name

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_cli
-from test_report import assert_png
-from test_slurm import (
+from helpers.commands import run_cli
+from helpers.plots import assert_png
+from helpers.slurm import (
     ARGS,
     REPO,
     cluster_nodes,
@@ -24,10 +24,11 @@ from test_slurm import (
     release,
     sacct_field,
     submit,
+    submit_cli,
     wait_for,
     wait_for_line,
-    weights,
 )
+from helpers.training import weights
 
 from aidetect.cluster.report import HOLDOUT_COLUMNS, status
 from aidetect.cluster.submit import holdout_folder
@@ -48,10 +49,7 @@ def sources_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def submit_cli(*args: str) -> subprocess.CompletedProcess:
-    return run_cli("submit", *args, env=os.environ | {"WANDB_MODE": "offline"})
-
-
+@pytest.mark.slurm
 def test_submit_train_on_the_cluster_matches_a_direct_run(tiny_pack: Path, tmp_path: Path) -> None:
     direct_run(tiny_pack, tmp_path / "direct")
     run = tmp_path / "submitted"
@@ -67,6 +65,7 @@ def test_submit_train_on_the_cluster_matches_a_direct_run(tiny_pack: Path, tmp_p
     assert shown.returncode == 0 and "COMPLETED" in shown.stdout and "done: test accuracy" in shown.stdout
 
 
+@pytest.mark.slurm
 def test_submitted_job_checkpoints_on_the_timeout_signal_requeues_and_resumes(tiny_pack: Path, tmp_path: Path) -> None:
     direct_run(tiny_pack, tmp_path / "direct")
     run = tmp_path / "submitted"
@@ -89,6 +88,7 @@ def load_state(run: Path) -> dict:
     return load_checkpoint(run / "last.pt")["state"]
 
 
+@pytest.mark.slurm
 def test_submit_cv_runs_folds_in_parallel_and_summarises(tiny_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "cv"
     result = submit_cli(
@@ -134,6 +134,7 @@ def test_submit_with_the_local_executor_needs_no_slurm(tiny_pack: Path, tmp_path
     assert (run / "test_metrics.json").is_file() and json.loads((run / "jobs.json").read_text())["sbatch"] is None
 
 
+@pytest.mark.slurm
 def test_cv_sbatch_array_and_cv_report(tiny_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "cvsb"
     job = submit(
@@ -147,6 +148,7 @@ def test_cv_sbatch_array_and_cv_report(tiny_pack: Path, tmp_path: Path) -> None:
     assert summary["n_folds"] == 2 and set(summary["folds"]) == {"fold0", "fold1"}
 
 
+@pytest.mark.slurm
 def test_submit_cv_by_source_trains_without_each_generator_and_tests_on_it(sources_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "loso"
     result = submit_cli(
@@ -194,6 +196,7 @@ def assert_never_trained_on(folder: Path, source: str, manifest: dict) -> None:
     assert validation["fake"] == sum(counts["fold0"] for name, counts in fakes.items() if name != source)
 
 
+@pytest.mark.slurm
 def test_cv_sbatch_by_source_holds_out_the_task_s_generator(sources_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "losb"
     sbatch = str(REPO / "slurm" / "cv.sbatch")

@@ -9,54 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers.commands import run_cli, signal_group_at, torchrun, torchrun_command
+from helpers.training import AUGMENTED, kill_and_resume, train_args, weights
 
 from aidetect.checkpoint import load_checkpoint
 from aidetect.config import bundled_configs, load_config, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.metrics import METRIC_KEYS
 from aidetect.train import augmentation
-
-BASE = [
-    "--model",
-    "seed_cnn1",
-    "--epochs",
-    "3",
-    "--lr",
-    "0.001",
-    "--precision",
-    "fp32",
-    "--set",
-    "data.workers=1",
-    "--set",
-    "data.noise_std=0.05",
-    "--set",
-    "schedule.name=cosine",
-    "--set",
-    "train.log_every=1",
-]
-
-
-# Blur and JPEG on about half the training images: their per-sample draws must keep runs exact too.
-AUGMENTED = ["--set", "data.blur_prob=0.5", "--set", "data.jpeg_prob=0.5"]
-
-
-def train_args(pack: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(pack), "--out", str(out), *BASE, *extra]
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [*TORCHRUN, "-m", "aidetect.cli", *args], capture_output=True, text=True, timeout=600, env=env
-    )
-
-
-def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / name)["model"]
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path, tmp_path: Path) -> None:
@@ -95,46 +55,9 @@ def test_metrics_under_two_ranks_equal_one_rank(tiny_pack: Path, tmp_path: Path)
     assert set(one["per_source"]["sources"]) == {"real", "fake"} and one["per_source"] == two["per_source"]
 
 
-def kill_and_resume(pack: Path, tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """A reference run, and the same run SIGKILLed in the middle of its second epoch and resumed with
-    ``--resume auto``; returns the reference's result and the keys of the weights that differ."""
-    reference = run_cli(*train_args(pack, tmp_path / "reference", *args))
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "aidetect.cli", *train_args(pack, out, *args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in process.stdout:  # kill -9 in the middle of the second epoch
-        if "epoch 2 batch 3/" in line:
-            process.kill()
-            break
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
-    resumed = run_cli(*train_args(pack, out, *args, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = weights(tmp_path / "reference"), weights(out)
-    return reference, [key for key in a if not torch.equal(a[key], b[key])]
-
-
 def test_killed_run_resumes_to_bit_identical_weights(tiny_pack: Path, tmp_path: Path) -> None:
     args = ["--batch-size", "8", "--set", "train.deterministic=true", *AUGMENTED]
     assert kill_and_resume(tiny_pack, tmp_path, args)[1] == []
-
-
-def signal_group_at(
-    command: list[str], pattern: str, signum: int, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Start ``command`` in a process group of its own and, once its output shows ``pattern``, signal the
-    whole group, as SLURM (every process of the step), ``timeout`` and a terminal's Ctrl-C do."""
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
-    )
-    for line in process.stdout:
-        if pattern in line:
-            os.killpg(process.pid, signum)
-            break
-    stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -165,7 +88,7 @@ def test_sigterm_to_a_torchrun_group_checkpoints_every_rank_and_resumes(tiny_pac
     reference = torchrun(*train_args(tiny_pack, tmp_path / "reference", *args))
     assert reference.returncode == 0, reference.stderr[-2000:]
     out = tmp_path / "preempted"
-    command = [*TORCHRUN, "-m", "aidetect.cli", *train_args(tiny_pack, out, *args)]
+    command = torchrun_command("-m", "aidetect.cli", *train_args(tiny_pack, out, *args))
     process = signal_group_at(command, "epoch 2 batch 2/", signal.SIGTERM, env=os.environ | {"OMP_NUM_THREADS": "1"})
     # torchrun itself reports the signal (exit 1); each rank saved its part and exited 3.
     assert process.stderr.count("aidetect: stopped by a signal") == 2, process.stderr[-3000:]
