@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aidetect.allocator import keep_freed_memory
 from aidetect.errors import USER_ERROR_EXIT_CODE, UserError
 from aidetect.preemption import Outcome
 
@@ -24,6 +25,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # before any big buffer: CPU steps would page-fault their activations in anew
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

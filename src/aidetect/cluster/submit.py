@@ -27,6 +27,7 @@ from typing import Any
 import submitit
 import torch
 
+from aidetect.allocator import keep_freed_memory
 from aidetect.cluster.profiles import Profile, node_memory_gb, place, require_account, setup_lines
 from aidetect.cluster.requeue import earlier_attempts, refused, request_requeue, requeue_allowed
 from aidetect.config import Config, DataConfig, build, to_dict, validate
@@ -47,6 +48,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
         from aidetect.train import train
 
+        keep_freed_memory()  # this process starts here, not in aidetect.cli.main
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
