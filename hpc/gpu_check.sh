@@ -78,11 +78,9 @@ record() { # record NAME STATUS SECONDS EXIT_CODE LIMIT_S
 }
 
 # What this node has, as torch sees it (CUDA_VISIBLE_DEVICES applies; nvidia-smi would list every GPU), as
-# JSON for the report, then `aidetect doctor`'s checks (versions, GPUs, the build's kernels, precision).
-probe() {
-    "$PYTHON" -m aidetect.bench.gpu_check probe "$work/env.json"
-    "$PYTHON" -m aidetect.cli doctor
-}
+# JSON for the report, then `aidetect doctor`'s checks (versions, GPUs, the build's kernels, precision),
+# in one Python process.
+probe() { "$PYTHON" -m aidetect.bench.gpu_check probe "$work/env.json"; }
 
 gpu_tests() {
     # --basetemp: a folder of our own, so that this session neither cleans up nor is cleaned up by another

@@ -63,14 +63,26 @@ def doctor(profile: Profile | None = None, data: str | None = None, out: str | N
     return lines, passed
 
 
+def node_versions() -> dict[str, str | None]:
+    """This node's name and the versions that matter on it: aidetect, Python, torch, the CUDA torch was
+    built for (None: a CPU build) and NCCL (None without a usable GPU)."""
+    return {
+        "host": socket.gethostname(),
+        "aidetect": aidetect.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
+    }
+
+
 def versions() -> Check:
-    cuda = torch.version.cuda or "none"
-    nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a"
+    found = node_versions()
     return Check(
         "versions",
         "ok",
-        f"aidetect {aidetect.__version__}, python {platform.python_version()}, torch {torch.__version__} "
-        f"(CUDA {cuda}, NCCL {nccl}) on {socket.gethostname()}",
+        f"aidetect {found['aidetect']}, python {found['python']}, torch {found['torch']} "
+        f"(CUDA {found['cuda'] or 'none'}, NCCL {found['nccl'] or 'n/a'}) on {found['host']}",
     )
 
 

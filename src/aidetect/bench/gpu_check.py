@@ -1,5 +1,7 @@
-"""The Python side of ``hpc/gpu_check.sh``: what the node has (``probe``), and one report of the check with
-its verdict (``report``), from what the script's steps left in its scratch folder.
+"""The Python side of ``hpc/gpu_check.sh``: the probe of the node, and the check's report with its verdict.
+
+``probe``: what the node has (versions, GPUs) as JSON, then ``aidetect doctor``'s checks, in one process.
+``report``: one report of the check, from what the script's steps left in its scratch folder.
 
 The verdict is honest: the check fails when a step failed, was cut at its time limit or was not run for
 want of time, when a gpu test failed or none was collected, and when a GPU is visible but every gpu test
@@ -13,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -27,11 +27,12 @@ LOG_TAIL_LINES = 15
 
 
 def node_facts() -> dict[str, Any]:
-    """Versions, and the GPUs as torch sees them (``CUDA_VISIBLE_DEVICES`` applies) with their compute
-    capability and the precision ``train.precision: auto`` picks on each; the driver's version from
-    nvidia-smi (torch does not report it), None without one."""
+    """``doctor``'s versions of this node, cuDNN's, and the GPUs as torch sees them (``CUDA_VISIBLE_DEVICES``
+    applies) with their compute capability and the precision ``train.precision: auto`` picks on each; the
+    driver's version from nvidia-smi (torch does not report it), None without one."""
     import torch
 
+    from aidetect.doctor import node_versions
     from aidetect.hardware import auto_precision
 
     gpus = []
@@ -45,13 +46,8 @@ def node_facts() -> dict[str, Any]:
                 "precision_auto": auto_precision("cuda", (p.major, p.minor)),
             }
         )
-    return {
-        "host": socket.gethostname(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+    return node_versions() | {
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if gpus else None,
         "driver": driver_version() if gpus else None,
         "gpus": gpus,
     }
@@ -217,11 +213,20 @@ def bench_lines(bench: dict[str, Any]) -> list[str]:
     return lines
 
 
+def probe(path: Path) -> int:
+    """The probe step: ``node_facts()`` to ``path``, then ``aidetect doctor`` in this process (no second
+    start of torch); its exit code."""
+    from aidetect.cli import main as cli_main
+
+    path.write_text(json.dumps(node_facts(), indent=1) + "\n")
+    return cli_main(["doctor"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aidetect.bench.gpu_check", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    probe = commands.add_parser("probe", help="write node_facts() to a JSON file")
-    probe.add_argument("json")
+    probe_command = commands.add_parser("probe", help="write node_facts() to a JSON file, then run doctor's checks")
+    probe_command.add_argument("json")
     report = commands.add_parser("report", help="write the check's report; exit 1 when it failed")
     report.add_argument("work", type=Path, help="the script's scratch folder")
     report.add_argument("out", type=Path, help="the report's JSON file")
@@ -229,8 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--bench-skipped", default=None, help="why the benches were not run, if they were not")
     args = parser.parse_args(argv)
     if args.command == "probe":
-        Path(args.json).write_text(json.dumps(node_facts(), indent=1) + "\n")
-        return 0
+        return probe(Path(args.json))
     result = build_report(args.work, args.tests, args.bench_skipped)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
