@@ -1,6 +1,9 @@
 """The ``aidetect`` command line: parses arguments and calls library functions, nothing more.
 
 Errors the user can fix (``UserError``, bad arguments) end as one line on stderr and exit code 2.
+Each command's options are added when that command is parsed (``OneLineErrorParser(arguments=...)``),
+from the code they configure (``aidetect.options``): ``aidetect --help`` and the light commands load no
+torch, and no default, help text or choice list is written twice.
 """
 
 from __future__ import annotations
@@ -9,16 +12,31 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from aidetect.allocator import keep_freed_memory
 from aidetect.errors import USER_ERROR_EXIT_CODE, UserError
+from aidetect.options import DefaultsShown, defaults_of
 from aidetect.preemption import Outcome
+
+Arguments = Callable[[argparse.ArgumentParser], None]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line instead of the usage block plus the error."""
+    """argparse that reports a usage error as one line instead of the usage block plus the error, shows
+    every default in its help, and adds its arguments (``arguments(self)``) when it first parses."""
+
+    def __init__(self, *args: Any, arguments: Arguments | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=DefaultsShown, **kwargs)
+        self.arguments = arguments
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self.arguments:
+            arguments, self.arguments = self.arguments, None
+            arguments(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(USER_ERROR_EXIT_CODE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -45,62 +63,132 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="aidetect", description="Train and evaluate detectors of AI-generated images, from a laptop to SLURM."
     )
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    add_commands(
+        parser,
+        "command",
+        {
+            "synth": ("write a synthetic real/fake ImageFolder for demos and tests", synth_arguments),
+            "pack": ("pack an ImageFolder into WebDataset shards with fixed splits", pack_arguments),
+            "audit": ("can file metadata alone tell fake from real? (shortcut check)", audit_arguments),
+            "train": ("train a detector (1 process, torchrun or srun)", train_arguments),
+            "evaluate": ("metrics and plots of a checkpoint on a split of a pack", evaluate_arguments),
+            "predict": ("probability that raw images are AI-generated, as CSV", predict_arguments),
+            "demo": ("synthetic data -> pack -> train -> test metrics, minutes on a CPU", demo_arguments),
+            "submit": ("submit training or cross-validation jobs with submitit", submit_arguments),
+            "cv-report": (
+                "cv_summary.json and plots from a cross-validation or leave-one-source-out run",
+                cv_report_arguments,
+            ),
+            "status": ("state and progress of a submitted run or cross-validation", status_arguments),
+            "wandb-sync": ("upload every offline wandb run under a run folder", wandb_sync_arguments),
+            "doctor": ("check this node (or every rank of a job) before spending an allocation", doctor_arguments),
+            "bench": ("benchmarks that print figures and write JSON", bench_arguments),
+            "holdout-task": (
+                "what array task INDEX of slurm/cv.sbatch (AIDETECT_CV_BY=source) holds out: FOLDER<tab>SOURCE",
+                holdout_task_arguments,
+            ),
+        },
+    )
+    return parser
 
-    synth = commands.add_parser("synth", help="write a synthetic real/fake ImageFolder for demos and tests")
-    synth.add_argument("out", help="output folder (new or empty)")
-    synth.add_argument("--n", type=int, default=1000, help="number of images, half per class (default 1000)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--defects", action="store_true", help="add the broken files scraped datasets hold")
-    synth.add_argument("--min-side", type=int, default=320, help="shortest image side in px (default 320)")
-    synth.add_argument("--max-side", type=int, default=2048, help="longest image side in px (default 2048)")
-    synth.add_argument(
+
+def add_commands(parser: argparse.ArgumentParser, dest: str, commands: dict[str, tuple[str, Arguments]]) -> None:
+    """Subcommands ``{name: (help, arguments)}`` of ``parser``, the name chosen stored as ``dest``."""
+    group = parser.add_subparsers(dest=dest, required=True, parser_class=OneLineErrorParser)
+    for name, (text, arguments) in commands.items():
+        group.add_parser(name, help=text, arguments=arguments)
+
+
+def add_workers(parser: argparse.ArgumentParser, what: str = "processes") -> None:
+    parser.add_argument("--workers", type=int, default=None, help=f"{what} (default: all cores)")
+
+
+def synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.data.synth import synth
+
+    default = defaults_of(synth)
+    parser.add_argument("out", help="output folder (new or empty)")
+    parser.add_argument("--n", type=int, default=default["n"], help="number of images, half per class")
+    parser.add_argument("--seed", type=int, default=default["seed"], help="seed of everything drawn")
+    parser.add_argument("--defects", action="store_true", help="add the broken files scraped datasets hold")
+    parser.add_argument("--min-side", type=int, default=default["min_side"], help="shortest image side in px")
+    parser.add_argument("--max-side", type=int, default=default["max_side"], help="longest image side in px")
+    parser.add_argument(
         "--sources",
         type=int,
-        default=1,
+        default=default["sources"],
         help="fake sources fake/gen1..genN, each its own upsampler; N >= 2 also splits reals into "
-        "real/photo and real/art (default 1: files straight in real/ and fake/)",
+        "real/photo and real/art (N = 1: files straight in real/ and fake/)",
     )
-    synth.add_argument(
+    parser.add_argument(
         "--shortcuts",
         action="store_true",
         help="classes differ in file metadata as in some Kaggle sets: fakes PNG at 3 square sizes, "
         "reals JPEG of varied sizes, some with EXIF (default: both classes alike)",
     )
-    synth.add_argument(
+    parser.add_argument(
         "--fragile",
         action="store_true",
         help="a trace JPEG q50 all but destroys: strong fine grain on reals, a faint upsampler trace on fakes",
     )
-    synth.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    synth.set_defaults(handler=run_synth)
+    add_workers(parser)
+    parser.set_defaults(handler=run_synth)
 
-    pack = commands.add_parser("pack", help="pack an ImageFolder into WebDataset shards with fixed splits")
-    pack.add_argument("src", help="ImageFolder (SRC/real, SRC/fake) or Kaggle layout (SRC/{train,test}/...)")
-    pack.add_argument("out", help="output folder for shards and manifest.json")
-    add_pack_options(pack)
-    pack.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    pack.set_defaults(handler=run_pack)
 
-    audit = commands.add_parser("audit", help="can file metadata alone tell fake from real? (shortcut check)")
-    audit.add_argument("shards", help="pack folder")
-    audit.add_argument("--out", default=None, help="folder for audit.json and audit.png (default: the pack folder)")
-    audit.set_defaults(handler=run_audit)
+def pack_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="ImageFolder (SRC/real, SRC/fake) or Kaggle layout (SRC/{train,test}/...)")
+    parser.add_argument("out", help="output folder for shards and manifest.json")
+    add_pack_options(parser)
+    add_workers(parser)
+    parser.set_defaults(handler=run_pack)
 
-    train = commands.add_parser("train", help="train a detector (1 process, torchrun or srun)")
-    add_config_options(train)
-    train.add_argument("--resume", default=None, help="'auto' (last.pt in the run folder) or a checkpoint path")
-    train.set_defaults(handler=run_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics and plots of a checkpoint on a split of a pack")
-    evaluate.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
-    evaluate.add_argument("--data", required=True, help="pack folder")
-    evaluate.add_argument("--split", default="test", help="test (default), fold0, ...")
-    evaluate.add_argument(
+def add_pack_options(parser: argparse.ArgumentParser) -> None:
+    """One option per field of ``PackSettings`` (``pack_settings`` reads them back)."""
+    from aidetect.data.pack import PackSettings
+    from aidetect.options import add_flags
+
+    add_flags(parser, PackSettings)
+
+
+def pack_settings(args: argparse.Namespace) -> Any:
+    from aidetect.data.pack import PackSettings
+    from aidetect.options import from_args
+
+    return from_args(PackSettings, args)
+
+
+def audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shards", help="pack folder")
+    parser.add_argument("--out", default=None, help="folder for audit.json and audit.png (default: the pack folder)")
+    parser.set_defaults(handler=run_audit)
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """What ``aidetect train`` takes: the config options and ``--resume``."""
+    from aidetect.config import add_config_options
+
+    add_config_options(parser)
+    parser.add_argument("--resume", default=None, help="'auto' (last.pt in the run folder) or a checkpoint path")
+
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_train_options(parser)
+    parser.set_defaults(handler=run_train)
+
+
+def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.inference import evaluate
+
+    default = defaults_of(evaluate)
+    parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
+    parser.add_argument("--data", required=True, help="pack folder")
+    parser.add_argument("--split", default=default["split"], help="test, fold0, ...")
+    parser.add_argument(
         "--out", default=None, help="folder for eval_SPLIT.json, robustness.json and plots (default: the checkpoint's)"
     )
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument(
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="images per step")
+    parser.add_argument(
         "--perturb",
         nargs="+",
         metavar="KIND[:S,..]",
@@ -108,188 +196,184 @@ def build_parser() -> argparse.ArgumentParser:
         "(px), downscale:F,.. (factor < 1), e.g. jpeg:95,75,50,30 blur:1,2,3 downscale:0.5,0.25; after the "
         "clean evaluation, one per strength -> robustness.json, robustness.png",
     )
-    evaluate.set_defaults(handler=run_evaluate)
+    parser.set_defaults(handler=run_evaluate)
 
-    predict = commands.add_parser("predict", help="probability that raw images are AI-generated, as CSV")
-    predict.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
-    predict.add_argument("paths", nargs="+", help="image files or folders")
-    predict.add_argument("--csv", default="predictions.csv", help="output CSV (default predictions.csv)")
-    predict.add_argument(
+
+def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
+    parser.add_argument("paths", nargs="+", help="image files or folders")
+    parser.add_argument("--csv", default="predictions.csv", help="output CSV")
+    parser.add_argument(
         "--perturb",
         metavar="KIND:S",
         help="degrade each file before preprocessing: one of jpeg:Q, blur:SIGMA, downscale:F (e.g. jpeg:50)",
     )
-    predict.set_defaults(handler=run_predict)
-
-    demo = commands.add_parser("demo", help="synthetic data -> pack -> train -> test metrics, minutes on a CPU")
-    demo.add_argument("--out", default="demo", help="folder for data, shards and the run (default demo)")
-    demo.add_argument("--n", type=int, default=2000, help="synthetic images (default 2000)")
-    demo.add_argument("--sources", type=int, default=1, help="fake sources, as for synth (default 1)")
-    demo.add_argument("--workers", type=int, default=None)
-    demo.set_defaults(handler=run_demo)
-
-    submit = commands.add_parser("submit", help="submit training or cross-validation jobs with submitit")
-    jobs = submit.add_subparsers(dest="job", required=True, parser_class=OneLineErrorParser)
-    for kind, text in (("train", "one training run"), ("cv", "K folds as one parallel job array")):
-        job = jobs.add_parser(kind, help=text)
-        job.add_argument("--profile", required=True, help="cluster profile: hpc/NAME.yaml name or a YAML path")
-        job.add_argument("--executor", choices=("slurm", "local"), help="override the profile's (local: no SLURM)")
-        job.add_argument("--account", help="SLURM account (overrides the profile's)")
-        job.add_argument("--partition", help="SLURM partition (overrides the profile's)")
-        job.add_argument("--nodes", type=int, default=1)
-        job.add_argument("--gpus-per-node", type=int, help="overrides the profile's; one task per GPU")
-        job.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, else 1)")
-        job.add_argument("--time", type=int, help="time limit in minutes (jobs requeue themselves before it)")
-        job.add_argument("--wait", action="store_true", help="block until the jobs end; non-zero exit if any failed")
-        if kind == "cv":
-            job.add_argument(
-                "--by",
-                choices=("fold", "source"),
-                default="fold",
-                help="fold: one job per fold (default); source: leave-one-source-out, one job per fake source "
-                "of the pack, trained without it and tested on it (RUN/holdout-SOURCE)",
-            )
-            job.add_argument("--folds", type=int, help="folds to run, --by fold only (default 5; the pack's at most)")
-        add_config_options(job)
-        job.set_defaults(handler=run_submit)
-
-    report = commands.add_parser(
-        "cv-report", help="cv_summary.json and plots from a cross-validation or leave-one-source-out run"
-    )
-    report.add_argument("run", help="the cv run folder (holding fold0/, fold1/, ... or holdout-SOURCE/, ...)")
-    report.set_defaults(handler=run_cv_report)
-    status = commands.add_parser("status", help="state and progress of a submitted run or cross-validation")
-    status.add_argument("run", help="run folder")
-    status.set_defaults(handler=run_status)
-    sync = commands.add_parser("wandb-sync", help="upload every offline wandb run under a run folder")
-    sync.add_argument("run", help="run folder")
-    sync.add_argument("--list", action="store_true", help="only list the offline runs")
-    sync.set_defaults(handler=run_wandb_sync)
-
-    doctor = commands.add_parser(
-        "doctor", help="check this node (or every rank of a job) before spending an allocation"
-    )
-    doctor.add_argument("--profile", help="cluster profile: the GPUs it expects, runs_dir and wandb mode")
-    doctor.add_argument("--data", help="pack folder: every shard present with the manifest's size and sha256")
-    doctor.add_argument("--out", help="run folder whose file system must have room (default: the profile's runs_dir)")
-    doctor.set_defaults(handler=run_doctor)
-
-    bench = commands.add_parser("bench", help="benchmarks that print figures and write JSON")
-    benches = bench.add_subparsers(dest="bench", required=True, parser_class=OneLineErrorParser)
-    data = benches.add_parser("data", help="pack and loader throughput against decode floors and the naive pipeline")
-    data.add_argument("--src", required=True, help="raw ImageFolder")
-    data.add_argument("--shards", required=True, help="pack folder (packed from --src first if it holds none)")
-    data.add_argument("--json", default=None, help="write the figures to this JSON file")
-    data.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    data.add_argument("--batch-size", type=int, default=64)
-    data.add_argument("--naive-limit", type=int, default=192, help="images timed through the naive pipeline")
-    data.add_argument("--min-images", type=int, default=4096, help="images timed through the loader and its floor")
-    add_pack_options(data)
-    data.set_defaults(handler=run_bench_data)
-    loop = benches.add_parser("train", help="training-loop throughput vs a bare PyTorch loop, per precision")
-    loop.add_argument("--json", default=None, help="write the figures to this JSON file")
-    loop.add_argument("--model", default="seed_cnn2")
-    loop.add_argument("--image-size", type=int, default=128)
-    loop.add_argument("--batch-size", type=int, default=32)
-    loop.add_argument("--steps", type=int, default=30, help="timed steps per setting")
-    loop.add_argument(
-        "--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, auto (train.precision auto's)"
-    )
-    loop.add_argument("--compile", action="store_true", help="also time torch.compile")
-    loop.add_argument(
-        "--data", default=None, help="pack folder: also time the loop fed by the training loader from it (loader_fed)"
-    )
-    loop.add_argument("--workers", type=int, default=None, help="loader processes for --data (default: all cores)")
-    loop.set_defaults(handler=run_bench_train)
-    cv = benches.add_parser("cv", help="K folds as a parallel job array vs one fold alone, on a cluster profile")
-    cv.add_argument("--profile", default="local", help="cluster profile (default: the local test cluster)")
-    cv.add_argument("--folds", type=int, default=5)
-    cv.add_argument("--json", default=None, help="write the figures to this JSON file")
-    add_config_options(cv)
-    cv.set_defaults(handler=run_bench_cv)
-    return parser
+    parser.set_defaults(handler=run_predict)
 
 
-def add_pack_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", default="resize", help="resize (pad to square + resize) or crop (native crop)")
-    parser.add_argument("--size", type=int, default=256, help="output side in px (default 256)")
-    parser.add_argument("--codec", default="jpeg", help="jpeg or png (lossless)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="share held out as test (default 0.1)")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the rest (default 5)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--max-pixels", type=int, default=250_000_000, help="pixel budget of one decoded image")
-    parser.add_argument("--min-side", type=int, default=32, help="skip images with a shorter side")
-    parser.add_argument("--on-truncated", default="repair", help="repair (inpaint the missing part) or skip")
-    parser.add_argument(
-        "--parity",
-        default="none",
-        help="jpeg:Q re-encodes every image of both classes as JPEG at quality Q before preprocessing, so codec "
-        "and quality cannot carry the label (default none)",
+def demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.demo import demo
+
+    default = defaults_of(demo)
+    parser.add_argument("--out", default=default["out"], help="folder for data, shards and the run")
+    parser.add_argument("--n", type=int, default=default["n"], help="synthetic images")
+    parser.add_argument("--sources", type=int, default=default["sources"], help="fake sources, as for synth")
+    add_workers(parser)
+    parser.set_defaults(handler=run_demo)
+
+
+def submit_arguments(parser: argparse.ArgumentParser) -> None:
+    add_commands(
+        parser,
+        "job",
+        {
+            "train": ("one training run", submit_train_arguments),
+            "cv": ("K folds as one parallel job array", submit_cv_arguments),
+        },
     )
 
 
-CONFIG_FLAGS = {
-    "data": "data.shards",
-    "model": "model.name",
-    "epochs": "train.epochs",
-    "batch_size": "data.batch_size",
-    "lr": "optim.lr",
-    "precision": "train.precision",
-    "out": "train.out",
-    "fold": "data.fold",
-    "pretrained": "model.pretrained",
-    "holdout_source": "data.holdout_source",
-}
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """What ``submit train`` and ``submit cv`` take first: the profile and its overrides, how to wait."""
+    from aidetect.cluster.profiles import EXECUTORS
+
+    parser.add_argument("--profile", required=True, help="cluster profile: hpc/NAME.yaml name or a YAML path")
+    parser.add_argument("--executor", choices=EXECUTORS, help="override the profile's (local: no SLURM)")
+    parser.add_argument("--account", help="SLURM account (overrides the profile's)")
+    parser.add_argument("--partition", help="SLURM partition (overrides the profile's)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes per job")
+    parser.add_argument("--gpus-per-node", type=int, help="overrides the profile's; one task per GPU")
+    parser.add_argument("--tasks-per-node", type=int, help="processes per node (default: one per GPU, else 1)")
+    parser.add_argument("--time", type=int, help="time limit in minutes (jobs requeue themselves before it)")
+    parser.add_argument("--wait", action="store_true", help="block until the jobs end; non-zero exit if any failed")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML file or bundled config name (smoke, seed_model2, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
-    parser.add_argument("--data", help="pack folder (data.shards)")
-    parser.add_argument("--model", help="model.name: seed_cnn1, seed_cnn2, resnet18, resnet50, ...")
-    parser.add_argument("--epochs", type=int, help="train.epochs")
-    parser.add_argument("--batch-size", type=int, help="data.batch_size, per process")
-    parser.add_argument("--lr", type=float, help="optim.lr")
-    parser.add_argument("--precision", help="train.precision: auto, fp32, bf16, fp16")
-    parser.add_argument("--out", help="train.out: the run folder")
-    parser.add_argument("--fold", type=int, help="data.fold: the validation fold")
-    parser.add_argument("--pretrained", help="model.pretrained: a local weights file (nothing is downloaded)")
-    parser.add_argument(
-        "--holdout-source",
-        help="data.holdout_source: train and validate without this fake source; test on the real test samples "
-        "and all of its samples",
-    )
+def submit_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.config import add_config_options
+
+    add_job_options(parser)
+    add_config_options(parser)
+    parser.set_defaults(handler=run_submit)
 
 
-def config_from_args(args: argparse.Namespace):
-    from aidetect.config import load_config, parse_override
-
-    overrides = dict(parse_override(text) for text in args.set)
-    overrides |= {key: getattr(args, flag) for flag, key in CONFIG_FLAGS.items() if getattr(args, flag) is not None}
-    if getattr(args, "resume", None):
-        overrides["train.resume"] = args.resume
-    return load_config(args.config, overrides)
-
-
-def pack_settings(args: argparse.Namespace):
+def submit_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.config import add_config_options
     from aidetect.data.pack import PackSettings
 
-    return PackSettings(
-        mode=args.mode,
-        size=args.size,
-        codec=args.codec,
-        quality=args.quality,
-        seed=args.seed,
-        test_fraction=args.test_fraction,
-        folds=args.folds,
-        shard_size=args.shard_size,
-        max_pixels=args.max_pixels,
-        min_side=args.min_side,
-        on_truncated=args.on_truncated,
-        parity=args.parity,
+    add_job_options(parser)
+    parser.add_argument(
+        "--by",
+        choices=("fold", "source"),
+        default="fold",
+        help="fold: one job per fold; source: leave-one-source-out, one job per fake source of the pack, "
+        "trained without it and tested on it (RUN/holdout-SOURCE)",
     )
+    parser.add_argument(
+        "--folds", type=int, help=f"folds to run, --by fold only (default {PackSettings.folds}; the pack's at most)"
+    )
+    add_config_options(parser)
+    parser.set_defaults(handler=run_submit)
+
+
+def cv_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="the cv run folder (holding fold0/, fold1/, ... or holdout-SOURCE/, ...)")
+    parser.set_defaults(handler=run_cv_report)
+
+
+def status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder")
+    parser.set_defaults(handler=run_status)
+
+
+def wandb_sync_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run folder")
+    parser.add_argument("--list", action="store_true", help="only list the offline runs")
+    parser.set_defaults(handler=run_wandb_sync)
+
+
+def doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", help="cluster profile: the GPUs it expects, runs_dir and wandb mode")
+    parser.add_argument("--data", help="pack folder: every shard present with the manifest's size and sha256")
+    parser.add_argument("--out", help="run folder whose file system must have room (default: the profile's runs_dir)")
+    parser.set_defaults(handler=run_doctor)
+
+
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_commands(
+        parser,
+        "bench",
+        {
+            "data": (
+                "pack and loader throughput against decode floors and the naive pipeline",
+                bench_data_arguments,
+            ),
+            "train": ("training-loop throughput vs a bare PyTorch loop, per precision", bench_train_arguments),
+            "cv": ("K folds as a parallel job array vs one fold alone, on a cluster profile", bench_cv_arguments),
+        },
+    )
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+
+
+def bench_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.bench.data import bench_data
+
+    default = defaults_of(bench_data)
+    parser.add_argument("--src", required=True, help="raw ImageFolder")
+    parser.add_argument("--shards", required=True, help="pack folder (packed from --src first if it holds none)")
+    add_json(parser)
+    add_workers(parser)
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="loader batch size")
+    parser.add_argument(
+        "--naive-limit", type=int, default=default["naive_limit"], help="images timed through the naive pipeline"
+    )
+    parser.add_argument(
+        "--min-images", type=int, default=default["min_images"], help="images timed through the loader and its floor"
+    )
+    add_pack_options(parser)
+    parser.set_defaults(handler=run_bench_data)
+
+
+def bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.bench.train import bench_train
+    from aidetect.hardware import PRECISIONS
+
+    default = defaults_of(bench_train)
+    add_json(parser)
+    parser.add_argument("--model", default=default["model"], help="the architecture timed (model.name)")
+    parser.add_argument("--image-size", type=int, default=default["image_size"], help="side of the input in px")
+    parser.add_argument("--batch-size", type=int, default=default["batch_size"], help="images per step")
+    parser.add_argument("--steps", type=int, default=default["steps"], help="timed steps per setting")
+    parser.add_argument(
+        "--precisions",
+        default=",".join(default["precisions"]),
+        help=f"comma-separated: {', '.join(PRECISIONS)} (auto: what train.precision auto picks)",
+    )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--data", default=None, help="pack folder: also time the loop fed by the training loader from it (loader_fed)"
+    )
+    add_workers(parser, "loader processes for --data")
+    parser.set_defaults(handler=run_bench_train)
+
+
+def bench_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.config import add_config_options
+    from aidetect.data.pack import PackSettings
+
+    parser.add_argument("--profile", default="local", help="cluster profile (local: the local test cluster)")
+    parser.add_argument("--folds", type=int, default=PackSettings.folds, help="folds run in parallel")
+    add_json(parser)
+    add_config_options(parser)
+    parser.set_defaults(handler=run_bench_cv)
+
+
+def holdout_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", type=int, help="the array task: the INDEX-th fake source of the pack, sorted")
+    add_train_options(parser)
+    parser.set_defaults(handler=run_holdout_task)
 
 
 def check_workers(workers: int | None) -> int:
@@ -345,6 +429,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from aidetect.config import config_from_args
     from aidetect.train import train
 
     train(config_from_args(args))
@@ -388,6 +473,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     from aidetect.cluster.profiles import load_profile
     from aidetect.cluster.submit import submit_cv, submit_holdout, submit_train, wait
+    from aidetect.config import config_from_args
+    from aidetect.data.pack import PackSettings
 
     profile = load_profile(
         args.profile,
@@ -406,7 +493,7 @@ def run_submit(args: argparse.Namespace) -> int:
             raise UserError("--folds applies to --by fold; --by source runs one job per fake source of the pack")
         jobs = submit_holdout(config, profile, args.nodes, tasks)
     else:
-        jobs = submit_cv(config, profile, 5 if args.folds is None else args.folds, args.nodes, tasks)
+        jobs = submit_cv(config, profile, PackSettings.folds if args.folds is None else args.folds, args.nodes, tasks)
     if not args.wait:
         return 0
     ok = wait(jobs)
@@ -474,6 +561,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
 def run_bench_cv(args: argparse.Namespace) -> int:
     from aidetect.bench.cv import bench_cv
     from aidetect.cluster.profiles import load_profile
+    from aidetect.config import config_from_args
 
     config = config_from_args(args)
     results = bench_cv(config, load_profile(args.profile), args.folds, Path(config.train.out), args.json)
@@ -503,6 +591,14 @@ def run_bench_data(args: argparse.Namespace) -> int:
         print(f"figures written to {args.json}")
     else:
         print(json.dumps(results, indent=1))
+    return 0
+
+
+def run_holdout_task(args: argparse.Namespace) -> int:
+    from aidetect.cluster.submit import holdout_task
+    from aidetect.config import config_from_args
+
+    print("\t".join(holdout_task(args.index, config_from_args(args))))
     return 0
 
 

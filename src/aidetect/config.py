@@ -7,6 +7,7 @@ in the run directory.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -19,14 +20,17 @@ import yaml
 
 from aidetect.errors import UserError, first_line
 from aidetect.hardware import DEVICES, PRECISIONS
+from aidetect.options import add_flags, flag, flag_name, flagged
 
 
 @dataclass
 class DataConfig:
-    shards: str | None = None  # pack folder (aidetect pack OUT)
-    fold: int | None = 0  # validation fold (trained on the others); None: train on every fold, validate on fold 0
+    shards: str | None = field(default=None, metadata=flag("pack folder (aidetect pack OUT)", name="data"))
+    fold: int | None = field(
+        default=0, metadata=flag("the validation fold, trained on the others; null: train on all, validate on fold 0")
+    )
     crop: int | None = None  # training/evaluation crop in px (default: the packed size)
-    batch_size: int = 32  # per process
+    batch_size: int = field(default=32, metadata=flag("per process"))
     workers: int = 4  # DataLoader workers per process
     decode: str = "cpu"  # cpu: in the workers; gpu: in batches on the training GPU (nvJPEG), workers only read
     noise_std: float = 0.0  # Gaussian noise on [0, 1] images, training only
@@ -36,9 +40,13 @@ class DataConfig:
     blur_sigma: list[float] = field(default_factory=lambda: [0.0, 3.0])  # ... of sigma uniform in [lo, hi] px
     jpeg_prob: float = 0.0  # probability of JPEG re-compression ...
     jpeg_quality: list[int] = field(default_factory=lambda: [30, 100])  # ... at a quality uniform in [lo, hi]
-    # Leave-one-source-out: train and validate without this fake source; test on the real test samples
-    # and every sample of this source (from all splits: none of it was trained on).
-    holdout_source: str | None = None
+    holdout_source: str | None = field(
+        default=None,
+        metadata=flag(
+            "leave-one-source-out: train and validate without this fake source; test on the real test samples "
+            "and every sample of this source (from all splits: none of it was trained on)"
+        ),
+    )
     # Node-local staging (aidetect.data.stage): none (read the pack where it is), auto ($SLURM_TMPDIR, else
     # $AIDETECT_LOCAL_SCRATCH, which submit exports from the profile's local_scratch) or an absolute folder;
     # $VARS are expanded on each node when the run starts.
@@ -47,16 +55,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "seed_cnn2"
-    pretrained: str | None = None  # local weights file; nothing is downloaded
+    name: str = field(default="seed_cnn2", metadata=flag("the architecture", name="model"))
+    pretrained: str | None = field(default=None, metadata=flag("a local weights file; nothing is downloaded"))
     channels_last: bool = True
     compile: bool = False
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3  # for the global batch given; not rescaled with the number of processes
+    name: str = "adam"
+    lr: float = field(
+        default=1e-3, metadata=flag("for the global batch given; not rescaled with the number of processes")
+    )
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
     clip_grad: float | None = None  # max gradient norm
@@ -65,7 +75,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "multistep"  # multistep | cosine | constant
+    name: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [3, 5])  # epochs (multistep)
     gamma: float = 0.5  # multistep factor
     warmup_epochs: float = 0.0
@@ -74,12 +84,14 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 at compute capability >= 8.0, fp16 below, CPU fp32)
-    device: str = "auto"  # auto | cuda | cpu (auto: cuda when the job was given GPUs or one is usable)
+    epochs: int = field(default=10, metadata=flag("passes over the training folds"))
+    precision: str = field(
+        default="auto", metadata=flag("auto: bf16 at compute capability >= 8.0, fp16 below, fp32 on the CPU")
+    )
+    device: str = "auto"  # auto: cuda when the job was given GPUs or one is usable
     seed: int = 0
     deterministic: bool = False
-    out: str = "runs/train"
+    out: str = field(default="runs/train", metadata=flag("the run folder"))
     best_metric: str = "auroc"  # ties go to the lower validation loss
     log_every: int = 20  # steps between progress lines when not on a terminal
     resume: str | None = None  # "auto" (last.pt in out) or a checkpoint path
@@ -91,7 +103,7 @@ class TrainConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str | None = None  # online | offline | disabled; default: offline without an API key
+    mode: str | None = None  # None: offline without an API key
     project: str = "aidetect"
     entity: str | None = None
     group: str | None = None
@@ -110,6 +122,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+# The values these keys take (validate checks them; the command line shows them).
 CHOICES = {
     "data.decode": ("cpu", "gpu"),
     "optim.name": ("adam", "adamw", "sgd"),
@@ -119,6 +132,35 @@ CHOICES = {
     "train.best_metric": ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc", "ap", "loss"),
     "wandb.mode": ("online", "offline", "disabled", None),
 }
+
+
+def config_flags() -> dict[str, str]:
+    """The command-line options that set one config key each, by ``dest``: ``{"data": "data.shards", ...}``
+    (the fields with ``flag`` metadata)."""
+    sections = typing.get_type_hints(Config)
+    return {flag_name(f): f"{section}.{f.name}" for section, cls in sections.items() for f in flagged(cls)}
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set`` and one option per ``config_flags`` key: what every command that runs a config
+    takes (``config_from_args`` reads them back)."""
+    from aidetect.models import MODELS  # loads torch: only the commands that train add these options
+
+    configs = ", ".join(bundled_configs())
+    parser.add_argument("--config", help=f"YAML file or bundled config ({configs}); its keys replace the defaults")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
+    for section, cls in typing.get_type_hints(Config).items():
+        add_flags(parser, cls, section, CHOICES | {"model.name": tuple(MODELS)})
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config ``add_config_options`` (and ``--resume``, where the command has it) describe: the
+    ``--config`` file, then each ``--set``, then each option given."""
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides |= {key: getattr(args, dest) for dest, key in config_flags().items() if getattr(args, dest) is not None}
+    if getattr(args, "resume", None):
+        overrides["train.resume"] = args.resume
+    return load_config(args.config, overrides)
 
 
 def bundled_configs() -> list[str]:

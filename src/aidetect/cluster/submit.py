@@ -6,9 +6,6 @@ signals the tasks (``--signal=USR2@signal_delay_s``); training stops at a step a
 saves ``last.pt`` with its position, and rank 0 requeues the job (up to ``max_requeues`` times),
 which resumes from there. Cross-validation submits the folds as one job array that runs in parallel;
 leave-one-source-out (``--by source``) submits one task per fake source of the pack the same way.
-
-``python -m aidetect.cluster.submit holdout INDEX TRAIN_ARGS...`` prints the run sub-folder and the
-name of the INDEX-th fake source (sorted), tab-separated: what slurm/cv.sbatch's array task INDEX holds out.
 """
 
 from __future__ import annotations
@@ -276,23 +273,12 @@ def load_jobs(run: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def holdout_task(index: int, train_args: list[str]) -> tuple[str, str]:
-    """(folder, source) that array task ``index`` of a leave-one-source-out sbatch array holds out: the
-    ``index``-th fake source (sorted) of the pack that ``aidetect train TRAIN_ARGS`` would train on."""
-    from aidetect.cli import build_parser, config_from_args
-
-    config = config_from_args(build_parser().parse_args(["train", *train_args]))
+def holdout_task(index: int, config: Config) -> tuple[str, str]:
+    """(folder, source) that array task ``index`` of a leave-one-source-out sbatch array holds out
+    (``aidetect holdout-task``, run by slurm/cv.sbatch): the ``index``-th fake source (sorted) of the pack
+    that ``config`` trains on."""
     validate(config)
     sources = holdout_sources(config.data.shards)
     if not 0 <= index < len(sources):
         raise UserError(f"array task {index}: {config.data.shards} has fake sources 0..{len(sources) - 1}: {sources}")
     return holdout_folder(sources[index]), sources[index]
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "holdout":
-        sys.exit("usage: python -m aidetect.cluster.submit holdout INDEX TRAIN_ARGS...")
-    try:
-        print("\t".join(holdout_task(int(sys.argv[2]), sys.argv[3:])))
-    except UserError as exc:
-        sys.exit(f"aidetect: error: {exc}")

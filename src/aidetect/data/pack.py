@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preproc
 from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_json
 from aidetect.jobmemory import Memory, job_memory
+from aidetect.options import flag
 from aidetect.parallel import parallel_imap
 from aidetect.preemption import Stopped, StopRequest
 
@@ -54,30 +55,46 @@ WORKER_MARGIN = 64 << 20
 
 @dataclass(frozen=True)
 class PackSettings:
-    mode: str = "resize"
-    size: int = 256
-    codec: str = "jpeg"
-    quality: int = 95
-    seed: int = 0
-    test_fraction: float = 0.1
-    folds: int = 5
-    shard_size: int = 1000
-    max_pixels: int = 250_000_000
-    min_side: int = 32
-    on_truncated: str = "repair"
-    parity: str = "none"  # "jpeg:Q": every source image through one codec and quality (see apply_parity)
+    """How ``pack`` makes shards; each field is also ``aidetect pack``'s option of that name."""
+
+    CODECS = ("jpeg", "png")
+    ON_TRUNCATED = ("repair", "skip")
+
+    mode: str = field(
+        default="resize",
+        metadata=flag("resize: pad to square + resize; crop: native crop", choices=PREPROCESS_MODES),
+    )
+    size: int = field(default=256, metadata=flag("output side in px"))
+    codec: str = field(default="jpeg", metadata=flag("png is lossless", choices=CODECS))
+    quality: int = field(default=95, metadata=flag("JPEG quality"))
+    seed: int = field(default=0, metadata=flag("seed of the split assignment"))
+    test_fraction: float = field(default=0.1, metadata=flag("share held out as test"))
+    folds: int = field(default=5, metadata=flag("cross-validation folds of the rest"))
+    shard_size: int = field(default=1000, metadata=flag("samples per shard"))
+    max_pixels: int = field(default=250_000_000, metadata=flag("pixel budget of one decoded image"))
+    min_side: int = field(default=32, metadata=flag("skip images with a shorter side"))
+    on_truncated: str = field(
+        default="repair", metadata=flag("repair: inpaint the missing part of a truncated image", choices=ON_TRUNCATED)
+    )
+    parity: str = field(
+        default="none",
+        metadata=flag(
+            "jpeg:Q re-encodes every image of both classes as JPEG at quality Q before preprocessing, so codec "
+            "and quality cannot carry the label"
+        ),
+    )
 
     def validate(self) -> None:
         parity_quality(self.parity)
         checks = [
             (self.mode in PREPROCESS_MODES, f"--mode must be one of {', '.join(PREPROCESS_MODES)}"),
-            (self.codec in ("jpeg", "png"), "--codec must be jpeg or png"),
+            (self.codec in self.CODECS, f"--codec must be {' or '.join(self.CODECS)}"),
             (1 <= self.quality <= 100, "--quality must be between 1 and 100"),
             (self.size >= 16, "--size must be at least 16"),
             (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
             (self.folds >= 1, "--folds must be at least 1"),
             (self.shard_size >= 1, "--shard-size must be at least 1"),
-            (self.on_truncated in ("repair", "skip"), "--on-truncated must be repair or skip"),
+            (self.on_truncated in self.ON_TRUNCATED, f"--on-truncated must be {' or '.join(self.ON_TRUNCATED)}"),
         ]
         for ok, message in checks:
             if not ok:
