@@ -24,7 +24,7 @@ from helpers.training import AUGMENTED, kill_and_resume, train_args, weights
 
 from aidetect.bench.gpu_check import problems
 from aidetect.checkpoint import load_checkpoint
-from aidetect.data import build_loader
+from aidetect.data.loader import build_loader
 from aidetect.hardware import auto_precision
 from aidetect.metrics import METRIC_KEYS
 

@@ -12,9 +12,10 @@ import torch
 import webdataset as wds
 from helpers.commands import torchrun_command
 
-from aidetect.data import build_loader, fold_splits, read_manifest
 from aidetect.data.degrade import Augmentation
-from aidetect.data.shards import rank_batches, worker_batches
+from aidetect.data.loader import build_loader
+from aidetect.data.manifest import fold_splits, read_manifest
+from aidetect.data.plan import rank_batches, worker_batches
 from aidetect.errors import UserError
 
 PROBE = Path(__file__).parent / "helpers" / "loader_probe.py"
@@ -147,7 +148,7 @@ def test_missing_shard_unknown_split_and_tiny_split_are_clear_errors(packed_dir:
 
 def test_batches_are_written_in_place_and_an_abandoned_epoch_changes_nothing(packed_dir: Path) -> None:
     loader = build_loader(packed_dir, ["fold1"], batch_size=4, train=False, num_workers=2)
-    buffers = loader.dataset.slots.images.untyped_storage().data_ptr()
+    buffers = loader.dataset.decoding.slots.images.untyped_storage().data_ptr()
     seen = [(images.untyped_storage().data_ptr(), keys) for images, _, keys, _ in loader.uint8_batches()]
     assert {pointer for pointer, _ in seen} == {buffers}  # every batch in the reused buffers: no allocation
     whole = [keys for _, keys in seen]
@@ -156,8 +157,12 @@ def test_batches_are_written_in_place_and_an_abandoned_epoch_changes_nothing(pac
     assert [batch.keys for batch in loader] == whole
     # A process that exits in the middle of an epoch ends its workers and does not hang.
     made = f"build_loader({str(packed_dir)!r}, ['fold1'], batch_size=2, train=False, num_workers=2)"
-    code = f"from aidetect.data import build_loader; next(iter({made}))"
+    code = f"from aidetect.data.loader import build_loader; next(iter({made}))"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    # Its owner ends them also while the epoch is still referenced (as an error's traceback keeps it).
+    held = f"with {made} as loader:\n    epoch = iter(loader)\n    next(epoch)"
+    held = f"from aidetect.data.loader import build_loader\n{held}"
+    assert subprocess.run([sys.executable, "-c", held], timeout=60).returncode == 0
 
 
 def test_decoding_on_the_device_gives_the_workers_batches(packed_dir: Path) -> None:

@@ -20,9 +20,9 @@ from conftest import SHARD_SIZE, SYNTH_N
 from helpers.commands import run_cli
 from PIL import Image
 
-from aidetect.data.decode import decode_stored
 from aidetect.data.pack import PackSettings, pack
 from aidetect.data.splits import assign_splits
+from aidetect.data.stored import decode_stored
 from aidetect.data.synth import DEFECT_OUTCOMES, synth
 from aidetect.errors import UserError
 from aidetect.inference import load_for_prediction

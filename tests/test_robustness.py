@@ -15,9 +15,11 @@ from helpers.commands import run_cli, torchrun
 from helpers.training import train_args
 
 from aidetect.cli import main
-from aidetect.data.decode import decode_stored
 from aidetect.data.degrade import Perturbation, jpeg
-from aidetect.data.shards import build_loader, select_shards, tar_samples
+from aidetect.data.loader import build_loader
+from aidetect.data.manifest import select_shards
+from aidetect.data.shardfile import tar_samples
+from aidetect.data.stored import decode_stored
 from aidetect.inference import predict
 from aidetect.robustness import DROP_KEYS
 

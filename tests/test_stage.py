@@ -13,7 +13,7 @@ from helpers.slurm import ARGS, REPO, hosts_of_ranks, submit_cli, two_rank_run
 from helpers.training import weights
 
 from aidetect.config import load_config, validate
-from aidetect.data.shards import read_manifest, verify_shards
+from aidetect.data.manifest import read_manifest, verify_shards
 from aidetect.data.stage import LOCAL_SCRATCH_ENV, check_space, stage_folder, stage_pack
 from aidetect.errors import UserError
 

@@ -26,9 +26,9 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from aidetect import plots
-from aidetect.data.pack import parity_quality
+from aidetect.data.degrade import parity_quality
+from aidetect.data.manifest import read_manifest, sample_records
 from aidetect.data.packformat import AUDIT_FILES, CLASSES
-from aidetect.data.shards import read_manifest, sample_records
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 

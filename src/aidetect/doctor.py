@@ -156,7 +156,7 @@ def distributed() -> Check:
 
 
 def shards(data: str) -> Check:
-    from aidetect.data.shards import read_manifest, verify_shards
+    from aidetect.data.manifest import read_manifest, verify_shards
     from aidetect.errors import UserError
 
     try:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from aidetect.data.shards import ShardLoader
+from aidetect.data.loader import ShardLoader
 from aidetect.metrics import Predictions
 from aidetect.preemption import Stopped, StopRequest
 

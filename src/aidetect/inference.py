@@ -26,11 +26,13 @@ from torch import nn
 from aidetect import plots
 from aidetect.checkpoint import load_checkpoint
 from aidetect.config import TrainConfig
-from aidetect.data.decode import SYSTEM_FILES, UnreadableImage, decode_stored
+from aidetect.data.decode import SYSTEM_FILES, UnreadableImage
 from aidetect.data.degrade import Perturbation
+from aidetect.data.loader import build_loader, normalize_batch
+from aidetect.data.manifest import Selection, read_manifest, run_splits
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
-from aidetect.data.shards import build_loader, holdout_keep, read_manifest
-from aidetect.data.transforms import center_crop, normalize_batch
+from aidetect.data.stored import decode_stored
+from aidetect.data.transforms import center_crop
 from aidetect.distributed import cleanup_distributed, peers_watched, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
 from aidetect.engine import stop_check
@@ -115,25 +117,23 @@ def split_evaluator(
     split of a leave-one-source-out run is the one it was trained for: real test samples and every
     sample of the held-out source."""
     model = model_from_checkpoint(checkpoint, device)
-    splits, keep = [split], None
     holdout = checkpoint["config"]["data"].get("holdout_source")
-    if holdout and split == "test":
-        splits, keep = list(read_manifest(data)["splits"]), holdout_keep(holdout, test=True)
+    chosen = run_splits(read_manifest(data), None, holdout)["test"] if split == "test" else Selection([split])
     precision = resolve_precision(checkpoint["config"]["train"]["precision"], device)
 
     def evaluate_with(degrade: Perturbation | None) -> Predictions:
         loader = build_loader(
             data,
-            splits,
+            chosen.splits,
             batch_size=batch_size,
             train=False,
             crop=checkpoint["preprocess"]["crop"],
             num_workers=workers,
             device=device,
-            keep=keep,
+            keep=chosen.keep,
             degrade=degrade,
         )
-        with stop.deferred():
+        with loader, stop.deferred():
             return evaluate_split(model, loader, device, precision, False, stop_check(stop, loader, device)).gather()
 
     return evaluate_with

@@ -30,7 +30,8 @@ from aidetect.audit import audit
 from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, DataConfig, save_config, to_dict, validate
 from aidetect.data.degrade import Augmentation
-from aidetect.data.shards import ShardLoader, build_loader, check_holdout, fold_splits, holdout_keep, read_manifest
+from aidetect.data.loader import ShardLoader, build_loader
+from aidetect.data.manifest import check_holdout, read_manifest, run_splits
 from aidetect.data.stage import stage_pack
 from aidetect.distributed import (
     DistInfo,
@@ -71,7 +72,9 @@ def train(config: Config) -> dict[str, Any]:
     try:
         with StopRequest() as stop, peers_watched(info), memory_named(config.data.batch_size, info.device):
             staged = stage_pack(config.data.shards, config.data.stage, info.local_rank, config.train.dist_timeout_s)
-            return Trainer(config, info, stop, staged).run()
+            trainer = Trainer(config, info, stop, staged)
+            with trainer.loaders["train"], trainer.loaders["val"]:  # their workers end here, also on an error
+                return trainer.run()
     finally:
         cleanup_distributed(info)
 
@@ -92,7 +95,7 @@ class Trainer:
             raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {info.device}: set cpu")
         self.precision = resolve_precision(config.train.precision, info.device)
         seed_everything(config.train.seed + info.rank, config.train.deterministic)
-        self.splits = self.choose_splits()
+        self.splits = run_splits(self.manifest, config.data.fold, config.data.holdout_source)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
         self.model = build_model(config.model.name, self.image_size, config.model.pretrained).to(info.device)
         if config.model.channels_last:
@@ -107,22 +110,11 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
 
-    def choose_splits(self) -> dict[str, list[str]]:
-        folds = self.manifest["settings"]["folds"]
-        fold = self.config.data.fold
-        if fold is None:  # train on every fold; fold 0 still reports validation figures
-            splits = {"train": [f"fold{k}" for k in range(folds)], "val": ["fold0"], "test": ["test"]}
-        else:
-            splits = fold_splits(folds, fold)
-        if self.config.data.holdout_source:  # the held-out source's samples in the folds are test samples too
-            splits["test"] = list(self.manifest["splits"])
-        return splits
-
     def make_loader(self, split: str):
         data, train = self.config.data, split == "train"
         return build_loader(
             self.shards,
-            self.splits[split],
+            self.splits[split].splits,
             batch_size=data.batch_size,
             train=train,
             crop=data.crop,
@@ -133,7 +125,7 @@ class Trainer:
             device=self.info.device,
             noise_std=data.noise_std if train else 0.0,
             accumulate=self.config.optim.accumulate if train else 1,
-            keep=holdout_keep(data.holdout_source, split == "test") if data.holdout_source else None,
+            keep=self.splits[split].keep,
             degrade=augmentation(data) if train else None,
             decode_on_device=data.decode == "gpu",
         )
@@ -328,8 +320,8 @@ class Trainer:
         barrier()
         best = load_checkpoint(self.out / "best.pt")
         unwrap(self.model).load_state_dict(best["model"])
-        with self.stop.deferred():
-            predictions = self.evaluate(self.make_loader("test"))
+        with self.make_loader("test") as loader, self.stop.deferred():
+            predictions = self.evaluate(loader)
         chosen = best["state"]["best"]
         threshold = chosen.get("threshold", 0.5)  # checkpoints made before thresholds were chosen
         at_threshold = compute_metrics(predictions, threshold)
@@ -481,8 +473,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_e
 
 def misclassified(shards: str, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:
     """Up to ``limit`` misclassified test images with captions, read back from the test shards."""
-    from aidetect.data.decode import decode_stored
-    from aidetect.data.shards import select_shards, tar_samples
+    from aidetect.data.manifest import select_shards
+    from aidetect.data.shardfile import sample_images
+    from aidetect.data.stored import decode_stored
 
     wrong = {
         k: (p, y)
@@ -491,9 +484,9 @@ def misclassified(shards: str, predictions: Predictions, limit: int = 16) -> lis
     }
     found = []
     for shard in select_shards(shards, ["test"]):
-        for sample in tar_samples(shard.path):
-            if sample["__key__"] in wrong and len(found) < limit:
-                probability, label = wrong[sample["__key__"]]
+        for sample, stored in sample_images(shard.path):
+            if sample.key in wrong and len(found) < limit:
+                probability, label = wrong[sample.key]
                 caption = f"{'fake' if label else 'real'} predicted p(fake)={probability:.2f}"
-                found.append((decode_stored(sample.get("jpg", sample.get("png"))), caption))
+                found.append((decode_stored(stored), caption))
     return found

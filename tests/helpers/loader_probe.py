@@ -11,7 +11,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from aidetect.data import build_loader, fold_splits
+from aidetect.data.loader import build_loader
+from aidetect.data.manifest import fold_splits
 
 
 def main(shard_dir: str, out: str, batch_size: int, workers: int, eval_workers: int) -> None:

@@ -31,16 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from aidetect.data.decode import bomb_guard, decode_stored, decode_stored_batch, reduced_decode_scale
+from aidetect.data.decode import MAX_PIXELS, bomb_guard, reduced_decode_scale
 from aidetect.data.degrade import Augmentation
+from aidetect.data.loader import ShardDataset, ShardLoader, read_side
+from aidetect.data.manifest import read_manifest, select_shards
 from aidetect.data.pack import PackSettings, pack, scan_source
 from aidetect.data.packformat import MANIFEST
-from aidetect.data.shards import ShardDataset, ShardLoader, read_manifest, read_side, select_shards
+from aidetect.data.shardfile import sample_images
+from aidetect.data.stored import decode_stored, decode_stored_batch
 from aidetect.fileio import atomic_write_json
 from aidetect.parallel import parallel_imap
 
@@ -134,8 +136,8 @@ def floor_rate(decode: Callable[[int], int], inputs: list, workers: int, *args: 
 def decode_raw(size: int, index: int) -> int:
     """Open and decode one raw file, reduced where pack may reduce it, and nothing else."""
     try:
-        with bomb_guard(PackSettings.max_pixels), Image.open(_FLOOR_INPUTS[index]) as image:
-            scale = reduced_decode_scale(image, size, PackSettings.max_pixels)
+        with bomb_guard(MAX_PIXELS), Image.open(_FLOOR_INPUTS[index]) as image:
+            scale = reduced_decode_scale(image, size, MAX_PIXELS)
             if scale > 1:
                 image.draft(image.mode, (image.size[0] // scale, image.size[1] // scale))
             image.load()
@@ -161,9 +163,9 @@ def gpu_decode_rate(stored: list[bytes], batch_size: int) -> float:
 
 
 def stored_images(shards: Path) -> list[bytes]:
+    """Every image stored in the pack at ``shards``, in shard order."""
     manifest = read_manifest(shards)
-    urls = [{"url": str(shards / s["name"])} for s in manifest["shards"] if s["count"]]
-    return [s.get("jpg", s.get("png")) for s in wds.tarfile_samples(urls)]
+    return [stored for s in manifest["shards"] for _, stored in sample_images(str(shards / s["name"]))]
 
 
 def loader_rate(
@@ -183,16 +185,17 @@ def loader_rate(
     loader = repeated_loader(
         shards, batch_size, workers, min_images, device=device, degrade=degrade, decode_on_device=decode_on_device
     )
-    epoch = loader.__iter__ if normalized else loader.uint8_batches
-    loader.set_epoch(0)
-    for _ in epoch():
-        pass
-    loader.set_epoch(1)
-    started = time.perf_counter()
-    images = sum(len(batch[0]) for batch in epoch())
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return images / (time.perf_counter() - started)
+    with loader:
+        epoch = loader.__iter__ if normalized else loader.uint8_batches
+        loader.set_epoch(0)
+        for _ in epoch():
+            pass
+        loader.set_epoch(1)
+        started = time.perf_counter()
+        images = sum(len(batch[0]) for batch in epoch())
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return images / (time.perf_counter() - started)
 
 
 def repeated_loader(

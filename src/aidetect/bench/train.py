@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from aidetect.bench.data import machine, repeated_loader
-from aidetect.data.shards import Batch, ShardLoader
+from aidetect.data.loader import Batch, ShardLoader
 from aidetect.engine import EpochResult, Stepper, autocast, train_one_epoch
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import resolve_precision

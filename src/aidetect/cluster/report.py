@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from aidetect import plots
-from aidetect.cluster.submit import JOBS_FILE, fake_sources, load_jobs
+from aidetect.cluster.submit import JOBS_FILE, load_jobs
 from aidetect.config import load_config
+from aidetect.data.manifest import fake_sources
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.metrics import METRIC_KEYS

@@ -28,7 +28,7 @@ from aidetect.allocator import keep_freed_memory
 from aidetect.cluster.profiles import Profile, node_memory_gb, place, require_account, setup_lines
 from aidetect.cluster.requeue import earlier_attempts, refused, request_requeue, requeue_allowed
 from aidetect.config import Config, DataConfig, build, to_dict, validate
-from aidetect.data.shards import read_manifest
+from aidetect.data.manifest import fake_sources
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.preemption import Outcome, Stopped, requeue_decision
@@ -190,11 +190,6 @@ def submit_array(
     jobs = executor.map_array(TrainJob(profile.max_requeues), configs)
     record(run, "cv", jobs, profile, **extra)
     return jobs
-
-
-def fake_sources(shards: str | Path) -> list[str]:
-    """The pack's fake sources, sorted (none for packs made before sources were recorded)."""
-    return sorted(read_manifest(shards).get("sources", {}).get("fake", {}))
 
 
 def holdout_sources(shards: str | Path) -> list[str]:

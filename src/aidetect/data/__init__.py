@@ -1,5 +1,3 @@
-"""Data: synthetic sets, packing into WebDataset shards, and the distributed loader over them."""
-
-from aidetect.data.shards import Batch, build_loader, fold_splits, read_manifest, verify_shards
-
-__all__ = ["Batch", "build_loader", "fold_splits", "read_manifest", "verify_shards"]
+"""Data: synthetic sets (``synth``), packing into WebDataset shards (``pack``), the manifest and what a
+run reads of it (``manifest``), the shard file format (``shardfile``) and the distributed loader over
+the shards (``loader``). Import the submodule you need: importing this package loads none of them."""

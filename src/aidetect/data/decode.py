@@ -24,16 +24,15 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from aidetect.data.fileinfo import file_facts
-from aidetect.errors import UserError, first_line
+from aidetect.errors import first_line
 
 SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 MAX_MISSING_FRACTION = 0.5
 MAX_REDUCTION = 8  # libjpeg's DCT scaling decodes a JPEG at 1/2, 1/4 or 1/8 of its size
+MAX_PIXELS = 250_000_000  # the default pixel budget of one decoded image (pack --max-pixels)
 
 
 class UnreadableImage(Exception):
@@ -57,7 +56,7 @@ def decode_image(
     *,
     long_side: int | None = None,
     min_side: int = 32,
-    max_pixels: int = 250_000_000,
+    max_pixels: int = MAX_PIXELS,
     repair_truncated: bool = True,
 ) -> DecodedImage:
     """Decode ``path`` to RGB. With ``long_side``, JPEGs may be decoded reduced to no less than that.
@@ -227,27 +226,6 @@ def missing_region_mask(differs: np.ndarray, mcu: int) -> np.ndarray:
                 mask[top + mcu :] = True
                 return mask
     return mask
-
-
-def decode_stored(data: bytes) -> np.ndarray:
-    """Decode an image stored in a shard to H x W x 3 RGB: libjpeg-turbo (or libpng) via OpenCV, the
-    fastest decoder measured here, writing the HWC layout the loader keeps."""
-    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-
-
-def decode_stored_batch(stored: list[bytes], device: torch.device, keys: list[str]) -> list[torch.Tensor]:
-    """Decode a batch of stored JPEGs (samples ``keys``) to 3 x H x W RGB tensors on ``device``, in one call
-    of torchvision's decoder: nvJPEG on a CUDA device; on the CPU libjpeg-turbo, which decodes exactly as
-    ``decode_stored`` does. ``UserError`` naming the batch's first key when one is no JPEG."""
-    data = [torch.frombuffer(bytearray(image), dtype=torch.uint8) for image in stored]  # writable copies
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError as exc:
-        raise UserError(
-            f"a batch from sample {keys[0]} holds an image that decodes on no {device.type} JPEG decoder "
-            f"({first_line(exc)}); "
-            "decode on the CPU (data.decode cpu) to find its shard"
-        ) from None
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

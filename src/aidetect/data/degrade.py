@@ -91,14 +91,39 @@ STRENGTHS = {  # kind -> (valid strength?, what a valid one is)
 
 
 def check_strength(spec: str, kind: str, value: str) -> float:
-    valid, rule = STRENGTHS[kind]
+    strength = read_strength(kind, value)
+    if strength is None:
+        raise UserError(f"--perturb {spec}: {value!r} is not {STRENGTHS[kind][1]}")
+    return strength
+
+
+def read_strength(kind: str, value: str) -> float | None:
+    """``value`` (the text after ``KIND:``) as a valid strength of ``kind``, None when it is none: the one
+    reading of ``jpeg:Q``, ``blur:SIGMA`` and ``downscale:FACTOR``, for ``--perturb`` and ``--parity``."""
     try:
         strength = float(value)
     except ValueError:
-        strength = float("nan")
-    if not valid(strength):  # nan fails every rule
-        raise UserError(f"--perturb {spec}: {value!r} is not {rule}")
-    return strength
+        return None
+    return strength if STRENGTHS[kind][0](strength) else None  # nan fails every rule
+
+
+def parity_quality(parity: str) -> int | None:
+    """The JPEG quality of a ``pack --parity`` value ("jpeg:Q"), None for "none"; ``UserError`` otherwise."""
+    if parity == "none":
+        return None
+    kind, _, value = parity.partition(":")
+    quality = read_strength("jpeg", value) if kind == "jpeg" else None
+    if quality is None:
+        raise UserError(f"--parity {parity}: expected none or jpeg:Q with a quality Q from 1 to 100, e.g. jpeg:95")
+    return int(quality)
+
+
+def apply_parity(pixels: np.ndarray, parity: str) -> np.ndarray:
+    """Decoded pixels through the parity codec (``jpeg``), so that both classes carry the same codec's
+    traces and the original codec and quality can no longer tell them apart (Dual-Data-Alignment's
+    protocol)."""
+    quality = parity_quality(parity)
+    return pixels if quality is None else jpeg(pixels, quality)
 
 
 @dataclass(frozen=True)

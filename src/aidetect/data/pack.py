@@ -24,14 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from aidetect.data.decode import SYSTEM_FILES, DecodedImage, UnreadableImage, bomb_guard, decode_image
-from aidetect.data.degrade import jpeg
+from aidetect.data.decode import (
+    MAX_PIXELS,
+    SYSTEM_FILES,
+    DecodedImage,
+    UnreadableImage,
+    bomb_guard,
+    decode_image,
+)
+from aidetect.data.degrade import apply_parity, parity_quality
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
 from aidetect.data.packformat import AUDIT_FILES, CLASSES, FORMAT, MANIFEST
+from aidetect.data.shardfile import write_members
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
 from aidetect.data.transforms import PREPROCESS_MODES, padding_fraction, preprocess
 from aidetect.errors import UserError, first_line
@@ -71,7 +78,7 @@ class PackSettings:
     test_fraction: float = field(default=0.1, metadata=flag("share held out as test"))
     folds: int = field(default=5, metadata=flag("cross-validation folds of the rest"))
     shard_size: int = field(default=1000, metadata=flag("samples per shard"))
-    max_pixels: int = field(default=250_000_000, metadata=flag("pixel budget of one decoded image"))
+    max_pixels: int = field(default=MAX_PIXELS, metadata=flag("pixel budget of one decoded image"))
     min_side: int = field(default=32, metadata=flag("skip images with a shorter side"))
     on_truncated: str = field(
         default="repair", metadata=flag("repair: inpaint the missing part of a truncated image", choices=ON_TRUNCATED)
@@ -222,24 +229,6 @@ def decode_and_preprocess(
         )
         pixels = apply_parity(perturb(decoded.pixels) if perturb else decoded.pixels, settings.parity)
     return decoded, preprocess(pixels, settings.mode, settings.size)
-
-
-def parity_quality(parity: str) -> int | None:
-    """The JPEG quality of a ``--parity`` value ("jpeg:Q"), None for "none"; ``UserError`` otherwise."""
-    if parity == "none":
-        return None
-    codec, _, quality = parity.partition(":")
-    if codec != "jpeg" or not quality.isdigit() or not 1 <= int(quality) <= 100:
-        raise UserError(f"--parity {parity}: expected none or jpeg:Q with a quality Q from 1 to 100, e.g. jpeg:95")
-    return int(quality)
-
-
-def apply_parity(pixels: np.ndarray, parity: str) -> np.ndarray:
-    """Decoded pixels through the parity codec (``aidetect.data.degrade.jpeg``), so that both classes carry
-    the same codec's traces and the original codec and quality can no longer tell them apart
-    (Dual-Data-Alignment's protocol)."""
-    quality = parity_quality(parity)
-    return pixels if quality is None else jpeg(pixels, quality)
 
 
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
@@ -490,21 +479,22 @@ def write_tar(path: Path, plan: ShardPlan, records: list[dict], settings: PackSe
     extension = "png" if settings.codec == "png" else "jpg"
     kept = [r for r in records if r["status"] != "skipped"]
     with open(path, "wb") as stream:
-        # Fixed mtime and owner make the tar byte-identical when a shard is rewritten after a resume.
-        with wds.TarWriter(stream, user="aidetect", group="aidetect", mtime=0, encoder=False) as writer:
-            for r in kept:
-                meta = {k: r[k] for k in ("path", "class", "source", "file", "status")}
-                meta |= {"label": CLASSES[r["class"]], "split": plan.split}
-                writer.write(
-                    {
-                        "__key__": r["key"],
-                        extension: r["data"],
-                        "cls": str(CLASSES[r["class"]]).encode(),
-                        "json": json.dumps(meta, sort_keys=True).encode(),
-                    }
-                )
+        write_members(stream, (member for r in kept for member in sample_members(r, extension, plan.split)))
         stream.flush()
         os.fsync(stream.fileno())
+
+
+def sample_members(record: dict[str, Any], extension: str, split: str) -> list[tuple[str, bytes]]:
+    """The tar members of one packed sample: its stored image, class label and record, named KEY.EXTENSION,
+    in sorted order of the extensions (as WebDataset's TarWriter wrote them)."""
+    meta = {k: record[k] for k in ("path", "class", "source", "file", "status")}
+    meta |= {"label": CLASSES[record["class"]], "split": split}
+    members = {
+        extension: record["data"],
+        "cls": str(CLASSES[record["class"]]).encode(),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    return [(f"{record['key']}.{name}", members[name]) for name in sorted(members)]
 
 
 def build_manifest(

@@ -34,8 +34,8 @@ from typing import Any
 import torch.distributed as dist
 
 from aidetect.data.integrity import file_problem
+from aidetect.data.manifest import read_manifest
 from aidetect.data.packformat import MANIFEST
-from aidetect.data.shards import read_manifest
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_bytes, replaced_atomically
 

@@ -1,16 +1,16 @@
-"""Image transforms: the preprocessing recorded in a pack, and the loader's augmentation and normalisation.
+"""Image transforms: the preprocessing recorded in a pack, and the loader workers' crops and flips.
 
 Preprocessing (pack time and ``predict``) and augmentation (loader workers) work on H x W x 3 uint8
 numpy arrays: that is the layout the JPEG decoder writes, so no sample is ever transposed, and the
 N x H x W x 3 batch becomes an NCHW view in channels_last memory format, the layout convolutions run
-fastest in. Normalisation to float happens once per batch, on the device.
+fastest in. Normalisation to float happens once per batch, on the device (``aidetect.data.loader``).
+Nothing here imports torch: pack's worker processes use it.
 """
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
-import torch
 
 PREPROCESS_MODES = ("resize", "crop")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,28 +82,3 @@ def crop_flip_into(out: np.ndarray, pixels: np.ndarray, top: int, left: int, fli
         cv2.flip(window, 1, dst=out)
     else:
         np.copyto(out, window)
-
-
-def crop_flip_batch(images: list[torch.Tensor], windows: list[tuple[int, int, bool]], side: int) -> torch.Tensor:
-    """N x side x side x 3 uint8 batch on the images' device from 3 x H x W images, each cut at its
-    (top, left, flip) window: what ``crop_flip_into`` writes, for images decoded on a device."""
-    batch = torch.empty((len(images), side, side, 3), dtype=torch.uint8, device=images[0].device)
-    for row, (image, (top, left, flip)) in enumerate(zip(images, windows, strict=True)):
-        window = image[:, top : top + side, left : left + side]
-        batch[row] = (window.flip(2) if flip else window).permute(1, 2, 0)
-    return batch
-
-
-def normalize_batch(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 NHWC batch to a normalised float32 NCHW view (channels_last), on the batch's device.
-
-    ``noise`` (NCHW, on the [0, 1] scale) is added before normalising, as the original project did;
-    callers pass it for training batches only (the original also noised test images, which biased
-    its numbers).
-    """
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    if noise is not None:
-        x.add_(noise)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
