@@ -29,6 +29,7 @@ pytest.register_assert_rewrite("helpers")  # before the first import of a helper
 
 from helpers.slurm import START, cluster_nodes, unanswered  # noqa: E402
 
+from aidetect.allocator import keep_freed_memory  # noqa: E402
 from aidetect.data.pack import PackSettings, pack  # noqa: E402
 from aidetect.data.synth import synth  # noqa: E402
 
@@ -83,6 +84,11 @@ def cluster_missing(multinode: bool) -> str | None:
     return (
         f"cross-host tests need a cluster of 2 or more nodes, this one has {len(names)} ({', '.join(names)}): {START}"
     )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process training in tests starts as every aidetect command does: glibc keeps freed memory."""
+    keep_freed_memory()
 
 
 @pytest.hookimpl(tryfirst=True)
