@@ -3,8 +3,8 @@
 glibc's ``malloc`` serves every buffer above its mmap threshold (128 KiB, raised dynamically only up
 to 32 MiB) with a fresh ``mmap`` and ``munmap``s it on ``free``; it also trims the heap's free top
 above 128 KiB. A CPU training step allocates and frees activations of hundreds of MiB, so every
-step faults them in again page by page: 900,000 minor faults and a quarter of the CPU time in the
-kernel per step of seed_cnn2 at 256 px (README, "CPU training"). :func:`keep_freed_memory` tells
+step faults them in again page by page, a large share of its CPU time spent in the kernel (figures:
+README, "CPU training"). :func:`keep_freed_memory` tells
 glibc to keep what it frees (the process then stays at its peak footprint, which is what it
 needs on the next step anyway). Forked children (DataLoader and pack workers) inherit the setting.
 
