@@ -209,7 +209,7 @@ def test_cv_sbatch_by_source_holds_out_the_task_s_generator(sources_pack: Path, 
     assert result.returncode == 0, result.stderr
     summary = json.loads((run / "cv_summary.json").read_text())
     assert list(summary["holdout"]["sources"]) == ["gen3"] and summary["missing"] == ["gen1", "gen2"]
-    past = [sys.executable, "-m", "aidetect.cluster.submit", "holdout", "3", *args]  # 3 sources: tasks 0-2
+    past = [sys.executable, "-m", "aidetect.cli", "holdout-task", "3", *args]  # 3 sources: tasks 0-2
     beyond = subprocess.run(past, capture_output=True, text=True)
     assert beyond.returncode != 0 and "has fake sources 0..2" in beyond.stderr and not beyond.stdout
 
