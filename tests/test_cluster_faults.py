@@ -70,8 +70,8 @@ def test_sigterm_to_every_process_of_a_two_node_job_checkpoints_requeues_and_res
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     wait_for_line(log, r"requeueing job")
     wait_for(job, {"PENDING", "REQUEUED"})
-    position = load_checkpoint(out / "last.pt")["state"]
-    assert position["epoch"] == 1 and position["batch"] >= 3  # mid-epoch, at a step both ranks agreed on
+    position = load_checkpoint(out / "last.pt").state
+    assert position.epoch == 1 and position.batch >= 3  # mid-epoch, at a step both ranks agreed on
     assert "Traceback" not in log.read_text()
     finish_and_compare(job, out, log, reference)
 
@@ -103,8 +103,8 @@ def test_a_killed_rank_ends_the_step_at_once_and_the_job_resumes(
     print(f"\n[figure] surviving rank's job step ended {waited:.1f} s after rank 1 was killed")
     assert waited < 60, f"the surviving rank waited {waited:.0f} s"
     wait_for(job, {"PENDING", "REQUEUED"})
-    position = load_checkpoint(out / "last.pt")["state"]
-    assert (position["epoch"], position["batch"]) == (1, 0)  # nothing saved mid-epoch: the end of epoch 1
+    position = load_checkpoint(out / "last.pt").state
+    assert (position.epoch, position.batch) == (1, 0)  # nothing saved mid-epoch: the end of epoch 1
     finish_and_compare(job, out, log, reference)
 
 
@@ -146,7 +146,7 @@ def test_a_hung_rank_is_named_within_the_timeout_and_the_job_requeues_and_resume
     assert f"aidetect: lost a peer; rank 1 ({hung}) stopped answering; rank 0" in text, text[-3000:]
     assert "exit 4 (lost peer): requeue 1" in text
     wait_for(job, {"PENDING", "REQUEUED"})
-    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the end of epoch 1: nothing saved since
+    assert load_checkpoint(out / "last.pt").state.epoch == 1  # the end of epoch 1: nothing saved since
     finish_and_compare(job, out, log, reference)
 
 

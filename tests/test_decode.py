@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aidetect.checkpoint import save_checkpoint
+from aidetect.checkpoint import Checkpoint, RunState, save_checkpoint
+from aidetect.config import Config, ModelConfig
 from aidetect.data.decode import UnreadableImage, decode_image
 from aidetect.data.pack import PackSettings
 from aidetect.data.synth import encode_jpeg, encode_png, png_with_claimed_size, render
@@ -129,11 +130,17 @@ def test_pillows_bomb_guard_stays_on_in_the_process(tmp_path: Path) -> None:
 def test_predict_refuses_a_decompression_bomb_in_its_row(tmp_path: Path, scene: np.ndarray) -> None:
     """A PNG claiming 20 gigapixels (over 64 x the 250 MP budget) is one error row; the other file is scored."""
     checkpoint = tmp_path / "best.pt"
-    state = {  # what predict reads of a checkpoint
-        "model": build_model("seed_cnn1", 32).state_dict(),
-        "config": {"model": {"name": "seed_cnn1"}},
-        "preprocess": asdict(PackSettings(mode="crop", size=32)) | {"crop": None},
-    }
+    state = Checkpoint(  # predict reads the model, its name and the preprocessing; no training parts
+        model=build_model("seed_cnn1", 32).state_dict(),
+        optimizer={},
+        scheduler={},
+        scaler={},
+        state=RunState(),
+        rng=[],
+        config=Config(model=ModelConfig(name="seed_cnn1")),
+        preprocess=asdict(PackSettings(mode="crop", size=32)) | {"crop": None},
+        wandb_id=None,
+    )
     save_checkpoint(checkpoint, state)
     bomb = write(tmp_path / "bomb.png", png_with_claimed_size(_tiny_png(), 200_000, 100_000))
     photo = write(tmp_path / "photo.jpg", encode_jpeg(scene, 90))

@@ -131,8 +131,8 @@ def test_a_group_sigterm_during_validation_saves_the_trained_epoch_and_resume_en
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr[-2000:]
     assert "Traceback" not in stderr and "validation pending" in stdout
-    state = load_checkpoint(out / "last.pt")["state"]
-    assert state["epoch"] == 0 and state["pending"] is not None and state["history"] == []
+    state = load_checkpoint(out / "last.pt").state
+    assert state.epoch == 0 and state.pending is not None and state.history == []
     resumed = run_cli(*train_args(long_validation_pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(epoch trained, validation pending)" in resumed.stdout
@@ -150,14 +150,14 @@ def test_resume_on_another_number_of_processes_needs_the_same_global_batch(tiny_
     command = torchrun_command("-m", "aidetect.cli", *train_args(tiny_pack, out, *args, "--batch-size", "4"))
     stopped = signal_group_at(command, "epoch 2 batch 2/", signal.SIGTERM, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert stopped.stderr.count("aidetect: stopped by a signal") == 2, stopped.stderr[-3000:]
-    position = load_checkpoint(out / "last.pt")["state"]
+    position = load_checkpoint(out / "last.pt").state
     other = run_cli(*train_args(tiny_pack, out, *args, "--batch-size", "4", "--resume", "auto"))
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
     assert "saved by 2 process(es) x data.batch_size 4" in other.stderr and "data.batch_size 8" in other.stderr
     resumed = run_cli(*train_args(tiny_pack, out, *args, "--batch-size", "8", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed on 1 process(es) a run saved by 2" in resumed.stdout
-    assert f"epoch 2 batch {position['batch'] + 1}/" in resumed.stdout  # on from the saved global batch
+    assert f"epoch 2 batch {position.batch + 1}/" in resumed.stdout  # on from the saved global batch
     a, b = weights(tmp_path / "reference"), weights(out)
     for key in a:  # the same samples in the same global batches: rounding apart, the same weights
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)

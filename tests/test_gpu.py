@@ -106,9 +106,9 @@ def test_precisions_and_channels_last_train_on_the_gpu(
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(METRIC_KEYS) <= metrics.keys() and math.isfinite(metrics["loss"])
     checkpoint = load_checkpoint(out / "last.pt")
-    assert checkpoint["config"]["model"]["channels_last"] is channels_last
-    assert finite(checkpoint["model"])  # fp16 overflow would have been skipped by the scaler, never stored
-    scaler = checkpoint["scaler"]
+    assert checkpoint.config.model.channels_last is channels_last
+    assert finite(checkpoint.model)  # fp16 overflow would have been skipped by the scaler, never stored
+    scaler = checkpoint.scaler
     assert bool(scaler) == (precision == "fp16")  # GradScaler only for fp16
     if scaler:
         assert math.isfinite(scaler["scale"]) and scaler["scale"] > 0
@@ -126,7 +126,7 @@ def test_torch_compile_trains_through_the_compiled_model(tiny_pack: Path, tmp_pa
     assert f"{device}, fp32" in result.stdout
     assert "torchdynamo start tracing forward" in result.stderr, result.stderr[-2000:]
     assert "done compiler function inductor" in result.stderr
-    state = load_checkpoint(out / "last.pt")["model"]
+    state = load_checkpoint(out / "last.pt").model
     assert not any(key.startswith("_orig_mod") for key in state) and finite(state)  # plain weights
 
 

@@ -44,8 +44,8 @@ def test_preempted_two_task_job_checkpoints_requeues_and_resumes_exactly(tiny_pa
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     wait_for_line(log, r"requeueing job")
     wait_for(job, {"PENDING", "REQUEUED"})
-    checkpoint = load_checkpoint(out / "last.pt")["state"]
-    assert checkpoint["epoch"] == 1 and checkpoint["batch"] >= 3  # saved mid-epoch, at a step all ranks agreed on
+    position = load_checkpoint(out / "last.pt").state
+    assert position.epoch == 1 and position.batch >= 3  # saved mid-epoch, at a step all ranks agreed on
     release(job)
     assert wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
     text = log.read_text()
@@ -62,7 +62,7 @@ def test_a_stopped_job_whose_requeue_slurm_refuses_fails_with_the_reason(tiny_pa
     text = log.read_text()
     assert "exit 3 (stopped): requeue 1 of at most" in text
     assert re.search(r"SLURM refused to requeue it \(.*disabled.*\); the run is unfinished", text), text[-2000:]
-    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1  # the position is saved for a new submission
+    assert load_checkpoint(out / "last.pt").state.epoch == 1  # the position is saved for a new submission
 
 
 def test_a_multi_task_job_that_runs_train_in_its_batch_step_is_one_line(tiny_pack: Path, tmp_path: Path) -> None:

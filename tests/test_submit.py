@@ -30,6 +30,7 @@ from helpers.slurm import (
 )
 from helpers.training import weights
 
+from aidetect.checkpoint import RunState, load_checkpoint
 from aidetect.cluster.report import HOLDOUT_COLUMNS, status
 from aidetect.cluster.submit import holdout_folder
 from aidetect.data.pack import PackSettings, pack
@@ -74,7 +75,7 @@ def test_submitted_job_checkpoints_on_the_timeout_signal_requeues_and_resumes(ti
     wait_for_line(Path(job["stdout"]), r"epoch 2 batch 3/")
     subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)  # submitit's timeout warning
     wait_for(job["job_id"], {"PENDING", "REQUEUED"})
-    assert load_state(run)["epoch"] == 1
+    assert load_state(run).epoch == 1
     release(job["job_id"])
     assert wait_for(job["job_id"], {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED"
     assert "resumed from" in Path(job["stdout"]).read_text()
@@ -82,10 +83,8 @@ def test_submitted_job_checkpoints_on_the_timeout_signal_requeues_and_resumes(ti
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def load_state(run: Path) -> dict:
-    from aidetect.checkpoint import load_checkpoint
-
-    return load_checkpoint(run / "last.pt")["state"]
+def load_state(run: Path) -> RunState:
+    return load_checkpoint(run / "last.pt").state
 
 
 @pytest.mark.slurm

@@ -72,9 +72,9 @@ def test_a_signal_to_the_process_group_saves_the_position_and_resume_continues_e
     process = signal_group_at(command, "epoch 2 batch 2/", signum)  # DataLoader workers get it too
     assert process.returncode == 3, process.stderr[-2000:]
     assert "Traceback" not in process.stderr and "stopped by a signal" in process.stderr
-    state = load_checkpoint(out / "last.pt")["state"]
-    assert state["epoch"] == 1 and state["batch"] >= 2  # mid-epoch: the position is saved
-    first_id = load_checkpoint(out / "last.pt")["wandb_id"]
+    state = load_checkpoint(out / "last.pt").state
+    assert state.epoch == 1 and state.batch >= 2  # mid-epoch: the position is saved
+    first_id = load_checkpoint(out / "last.pt").wandb_id
     resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "reference"), weights(out)
@@ -92,8 +92,8 @@ def test_sigterm_to_a_torchrun_group_checkpoints_every_rank_and_resumes(tiny_pac
     process = signal_group_at(command, "epoch 2 batch 2/", signal.SIGTERM, env=os.environ | {"OMP_NUM_THREADS": "1"})
     # torchrun itself reports the signal (exit 1); each rank saved its part and exited 3.
     assert process.stderr.count("aidetect: stopped by a signal") == 2, process.stderr[-3000:]
-    state = load_checkpoint(out / "last.pt")["state"]
-    assert state["epoch"] == 1 and state["batch"] >= 2 and len(load_checkpoint(out / "last.pt")["rng"]) == 2
+    state = load_checkpoint(out / "last.pt").state
+    assert state.epoch == 1 and state.batch >= 2 and len(load_checkpoint(out / "last.pt").rng) == 2
     resumed = torchrun(*train_args(tiny_pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "reference"), weights(out)
@@ -108,7 +108,7 @@ def test_autocast_paths_run_on_cpu(tiny_pack: Path, tmp_path: Path, precision: s
     assert f"cpu, {precision}" in result.stdout
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert set(METRIC_KEYS) <= metrics.keys() and metrics["loss"] == metrics["loss"]  # not NaN
-    scaler = load_checkpoint(out / "last.pt")["scaler"]
+    scaler = load_checkpoint(out / "last.pt").scaler
     assert bool(scaler) == (precision == "fp16")  # GradScaler only for fp16
 
 
@@ -273,5 +273,5 @@ def test_torch_compile_path_trains(tiny_pack: Path, tmp_path: Path) -> None:
     out = tmp_path / "compiled"
     result = run_cli(*train_args(tiny_pack, out, "--epochs", "1", "--batch-size", "8", "--set", "model.compile=true"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert load_checkpoint(out / "best.pt")["model"].keys() == load_checkpoint(out / "last.pt")["model"].keys()
-    assert not any(key.startswith("_orig_mod") for key in load_checkpoint(out / "last.pt")["model"])  # plain weights
+    assert load_checkpoint(out / "best.pt").model.keys() == load_checkpoint(out / "last.pt").model.keys()
+    assert not any(key.startswith("_orig_mod") for key in load_checkpoint(out / "last.pt").model)  # plain weights

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from aidetect import plots
-from aidetect.checkpoint import load_checkpoint
+from aidetect.checkpoint import Checkpoint, load_checkpoint
 from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage
 from aidetect.data.degrade import Perturbation
@@ -45,11 +45,11 @@ from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any], device: torch.device) -> nn.Module:
-    preprocess_settings = checkpoint["preprocess"]
-    image_size = preprocess_settings["crop"] or preprocess_settings["size"]
-    model = build_model(checkpoint["config"]["model"]["name"], image_size)
-    model.load_state_dict(checkpoint["model"])
+def model_from_checkpoint(checkpoint: Checkpoint, device: torch.device) -> nn.Module:
+    """The checkpoint's model with its weights, on ``device``, in eval mode."""
+    image_size = checkpoint.preprocess["crop"] or checkpoint.preprocess["size"]
+    model = build_model(checkpoint.config.model.name, image_size)
+    model.load_state_dict(checkpoint.model)
     return model.to(device).eval()
 
 
@@ -87,15 +87,15 @@ def evaluate(
             atomic_write_json(folder / f"eval_{split}.json", metrics)
             plots.report_plots(predictions, metrics, folder, f"eval_{split}")
             if report:
-                write_robustness(report, folder, checkpoint, Path(checkpoint_path).parent.name)
+                write_robustness(report, folder, checkpoint.config, Path(checkpoint_path).parent.name)
         return metrics, report
     finally:
         cleanup_distributed(info)
 
 
-def check_preprocessing(data: str, checkpoint: dict[str, Any]) -> None:
+def check_preprocessing(data: str, checkpoint: Checkpoint) -> None:
     """``UserError`` unless pack ``data`` was made with the preprocessing the checkpoint was trained on."""
-    packed, trained = read_manifest(data)["settings"], checkpoint["preprocess"]
+    packed, trained = read_manifest(data)["settings"], checkpoint.preprocess
     defaults = asdict(PackSettings())  # what packs made before a setting existed did
     mismatched = [k for k in ("mode", "size", "codec", "parity") if (defaults | packed)[k] != (defaults | trained)[k]]
     if mismatched:
@@ -103,7 +103,7 @@ def check_preprocessing(data: str, checkpoint: dict[str, Any]) -> None:
 
 
 def split_evaluator(
-    checkpoint: dict[str, Any],
+    checkpoint: Checkpoint,
     data: str,
     split: str,
     batch_size: int,
@@ -117,9 +117,9 @@ def split_evaluator(
     split of a leave-one-source-out run is the one it was trained for: real test samples and every
     sample of the held-out source."""
     model = model_from_checkpoint(checkpoint, device)
-    holdout = checkpoint["config"]["data"].get("holdout_source")
+    holdout = checkpoint.config.data.holdout_source
     chosen = run_splits(read_manifest(data), None, holdout)["test"] if split == "test" else Selection([split])
-    precision = resolve_precision(checkpoint["config"]["train"]["precision"], device)
+    precision = resolve_precision(checkpoint.config.train.precision, device)
 
     def evaluate_with(degrade: Perturbation | None) -> Predictions:
         loader = build_loader(
@@ -127,7 +127,7 @@ def split_evaluator(
             chosen.splits,
             batch_size=batch_size,
             train=False,
-            crop=checkpoint["preprocess"]["crop"],
+            crop=checkpoint.preprocess["crop"],
             num_workers=workers,
             device=device,
             keep=chosen.keep,
@@ -177,7 +177,7 @@ def predict(
     pending: list[tuple[int, torch.Tensor]] = []
     for path in image_files(paths):
         try:
-            image = load_for_prediction(path, checkpoint["preprocess"], perturb)
+            image = load_for_prediction(path, checkpoint.preprocess, perturb)
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": ""})
             pending.append((len(rows) - 1, image))
         except (UnreadableImage, ValueError, OSError) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aidetect import plots
-from aidetect.config import Config, build
+from aidetect.config import Config
 from aidetect.data.degrade import Perturbation
 from aidetect.fileio import atomic_write_json
 from aidetect.tracking import Tracker
@@ -72,22 +72,19 @@ def format_robustness(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_robustness(report: dict[str, Any], folder: Path, checkpoint: dict[str, Any], run_name: str) -> None:
+def write_robustness(report: dict[str, Any], folder: Path, config: Config, run_name: str) -> None:
     """FOLDER/robustness.json and robustness.png (when a perturbation other than none was evaluated),
     then both to wandb (``log_robustness``)."""
     atomic_write_json(folder / "robustness.json", report)
     swept = any(entry["kind"] != "none" for entry in report["perturbations"].values())
     plot = plots.robustness(report, folder / "robustness.png") if swept else None
-    log_robustness(report, plot, folder, checkpoint, run_name)
+    log_robustness(report, plot, folder, config, run_name)
 
 
-def log_robustness(
-    report: dict[str, Any], plot: Path | None, folder: Path, checkpoint: dict[str, Any], run_name: str
-) -> None:
+def log_robustness(report: dict[str, Any], plot: Path | None, folder: Path, config: Config, run_name: str) -> None:
     """The report as the table ``robustness/table`` (``ROBUSTNESS_COLUMNS``) and the plot, in a wandb run
     of job type "robustness" under FOLDER/wandb, in the training run's group (``run_name``, the run
-    folder's name, when it had none), with the training config and wandb settings from the checkpoint."""
-    config = build(Config, checkpoint["config"], "")
+    folder's name, when it had none), with the training run's ``config`` (its checkpoint's) and wandb settings."""
     group = config.wandb.group or run_name
     name = f"{run_name}-robustness-{report['split']}"
     config = replace(config, wandb=replace(config.wandb, job_type="robustness", group=group, name=name))

@@ -15,7 +15,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ from tqdm import tqdm
 
 from aidetect import plots
 from aidetect.audit import audit
-from aidetect.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from aidetect.config import Config, DataConfig, save_config, to_dict, validate
+from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aidetect.config import Config, DataConfig, save_config, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.loader import ShardLoader, build_loader
 from aidetect.data.manifest import check_holdout, read_manifest, run_splits
@@ -49,19 +48,6 @@ from aidetect.metrics import Predictions, compute_metrics, format_per_source, is
 from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
-
-
-@dataclass
-class RunState:
-    """Where the run is: saved in every checkpoint."""
-
-    epoch: int = 0  # epoch in progress (or next to start)
-    batch: int = 0  # global batches of that epoch already done (the same count on every rank)
-    step: int = 0  # optimiser steps so far
-    best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "epoch"}
-    history: list[dict] = field(default_factory=list)
-    # The epoch is trained and its validation pending (stopped during it): {"train_loss", "img_per_s"}.
-    pending: dict[str, float] | None = None
 
 
 def train(config: Config) -> dict[str, Any]:
@@ -106,7 +92,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
         self.state = RunState()
         resumed = self.resume()
-        self.tracker = Tracker(config, self.out, resumed.get("wandb_id"), enabled=info.is_main)
+        self.tracker = Tracker(config, self.out, resumed.wandb_id if resumed else None, enabled=info.is_main)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -130,21 +116,21 @@ class Trainer:
             decode_on_device=data.decode == "gpu",
         )
 
-    def resume(self) -> dict[str, Any]:
+    def resume(self) -> Checkpoint | None:
         source = self.config.train.resume
         path = self.out / "last.pt" if source == "auto" else Path(source) if source else None
         if path is None or (source == "auto" and not path.exists()):
-            return {}
+            return None
         checkpoint = load_checkpoint(path)
         self.check_global_batch(path, checkpoint)
-        unwrap(self.model).load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = RunState(**checkpoint["state"])
-        saved = len(checkpoint["rng"])
+        unwrap(self.model).load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.scheduler.load_state_dict(checkpoint.scheduler)
+        self.scaler.load_state_dict(checkpoint.scaler)
+        self.state = checkpoint.state
+        saved = len(checkpoint.rng)
         if self.info.rank < saved:
-            set_rng_state(checkpoint["rng"][self.info.rank])
+            set_rng_state(checkpoint.rng[self.info.rank])
         if saved != self.info.world:
             restored = min(saved, self.info.world)
             self.log(
@@ -156,18 +142,18 @@ class Trainer:
         self.log(f"resumed from {path} at epoch {self.state.epoch + 1}, batch {self.state.batch}{pending}")
         return checkpoint
 
-    def check_global_batch(self, path: Path, checkpoint: dict[str, Any]) -> None:
+    def check_global_batch(self, path: Path, checkpoint: Checkpoint) -> None:
         """``UserError`` unless this run's global batch (processes x batch size, and accumulation) is the saved
         run's: the saved position counts global batches, which mean other samples under another global batch."""
-        data, optim, world = checkpoint["config"]["data"], checkpoint["config"]["optim"], self.info.world
-        saved_world = checkpoint.get("world", len(checkpoint["rng"]))
-        saved, ours = saved_world * data["batch_size"], world * self.config.data.batch_size
-        if saved == ours and optim["accumulate"] == self.config.optim.accumulate:
+        data, optim, world = checkpoint.config.data, checkpoint.config.optim, self.info.world
+        saved_world = len(checkpoint.rng)  # one RNG state per process that saved it
+        saved, ours = saved_world * data.batch_size, world * self.config.data.batch_size
+        if saved == ours and optim.accumulate == self.config.optim.accumulate:
             return
         fits = f"data.batch_size {saved // world}" if saved % world == 0 else "another number of processes"
         raise UserError(
-            f"{path}: saved by {saved_world} process(es) x data.batch_size {data['batch_size']} x optim.accumulate "
-            f"{optim['accumulate']}; this run is {world} x {self.config.data.batch_size} x "
+            f"{path}: saved by {saved_world} process(es) x data.batch_size {data.batch_size} x optim.accumulate "
+            f"{optim.accumulate}; this run is {world} x {self.config.data.batch_size} x "
             f"{self.config.optim.accumulate}: continue with {fits} and the same accumulate, or use a new run folder"
         )
 
@@ -319,10 +305,10 @@ class Trainer:
         """Evaluate the best checkpoint (never the last epoch's weights) on the test split."""
         barrier()
         best = load_checkpoint(self.out / "best.pt")
-        unwrap(self.model).load_state_dict(best["model"])
+        unwrap(self.model).load_state_dict(best.model)
         with self.make_loader("test") as loader, self.stop.deferred():
             predictions = self.evaluate(loader)
-        chosen = best["state"]["best"]
+        chosen = best.state.best
         threshold = chosen.get("threshold", 0.5)  # checkpoints made before thresholds were chosen
         at_threshold = compute_metrics(predictions, threshold)
         metrics = compute_metrics(predictions) | {
@@ -352,21 +338,18 @@ class Trainer:
         """Every rank contributes its RNG state; rank 0 writes the file atomically."""
         rngs = all_gather_objects(rng_state())
         if self.info.is_main:
-            save_checkpoint(
-                self.out / name,
-                {
-                    "model": unwrap(self.model).state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "state": vars(self.state),
-                    "rng": rngs,
-                    "config": to_dict(self.config),
-                    "preprocess": self.manifest["settings"] | {"crop": self.config.data.crop},
-                    "wandb_id": self.tracker.run_id,
-                    "world": self.info.world,
-                },
+            checkpoint = Checkpoint(
+                model=unwrap(self.model).state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                state=self.state,
+                rng=rngs,
+                config=self.config,
+                preprocess=self.manifest["settings"] | {"crop": self.config.data.crop},
+                wandb_id=self.tracker.run_id,
             )
+            save_checkpoint(self.out / name, checkpoint)
         barrier()
 
     def log(self, message: str) -> None:

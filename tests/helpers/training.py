@@ -43,7 +43,7 @@ def train_args(pack: Path, out: Path, *extra: str) -> list[str]:
 
 def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
     """The model weights of the checkpoint ``name`` in the run folder ``run``."""
-    return load_checkpoint(run / name)["model"]
+    return load_checkpoint(run / name).model
 
 
 def kill_and_resume(pack: Path, tmp_path: Path, args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -60,7 +60,7 @@ def kill_and_resume(pack: Path, tmp_path: Path, args: list[str]) -> tuple[subpro
             break
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert load_checkpoint(out / "last.pt")["state"]["epoch"] == 1
+    assert load_checkpoint(out / "last.pt").state.epoch == 1
     resumed = run_cli(*train_args(pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "reference"), weights(out)
