@@ -6,14 +6,17 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from aidetect.data.loader import ShardLoader
 from aidetect.metrics import Predictions
 from aidetect.preemption import Stopped, StopRequest
+from aidetect.tracking import Tracker
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,18 +28,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 @dataclass
-class Stepper:
-    """What one optimisation step needs besides the batch."""
+class TrainingParts:
+    """What an optimisation step uses besides the batch: built once per run (``aidetect.train``)."""
 
     model: nn.Module  # DDP-wrapped (and compiled) when so configured
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped once per optimiser step
     device: torch.device
-    precision: str
-    accumulate: int
-    clip_grad: float | None
-    channels_last: bool
+    precision: str  # resolved: fp32, bf16 or fp16
+    accumulate: int = 1  # batches per optimiser step
+    clip: float | None = None  # the gradients' largest norm; None or 0: no clipping
+    channels_last: bool = False  # the inputs' memory format (the model's is set where it is built)
 
 
 @dataclass
@@ -48,47 +51,91 @@ class EpochResult:
     stopped: bool  # a stop was requested (preemption): the epoch is not complete
 
 
+ProgressStyle = Literal["bar", "lines", "none"]
+
+
+class Progress:
+    """What rank 0 shows of a training epoch: a tqdm bar on a terminal (``bar``), else a plain line at
+    each report (``lines``: SLURM log files); ``none`` shows nothing (other ranks, benchmarks). It is
+    given numbers only: each batch's images, and at each report the loss and the learning rate."""
+
+    def __init__(self, epoch: int, start_batch: int, batches: int, world: int, style: ProgressStyle) -> None:
+        self.epoch, self.total, self.world, self.style = epoch, start_batch + batches, world, style
+        self.started, self.images, self.done = time.perf_counter(), 0, 0
+        self.bar = tqdm(total=self.total, initial=start_batch, desc=f"epoch {epoch + 1}", disable=style != "bar")
+
+    def advance(self, images: int) -> None:
+        """One batch of ``images`` per process done."""
+        self.images += images * self.world
+        self.done += 1
+        self.bar.update()
+
+    def rate(self) -> float:
+        """Images per second over every process, since the epoch (or this call of it) started."""
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
+
+    def show(self, index: int, loss: float, lr: float, rate: float) -> None:
+        if self.style == "bar":
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+        elif self.style == "lines":
+            eta = (self.total - index - 1) * (time.perf_counter() - self.started) / self.done
+            print(
+                f"[aidetect] epoch {self.epoch + 1} batch {index + 1}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{rate:.0f} img/s eta {eta:.0f}s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def train_one_epoch(
-    stepper: Stepper,
+    parts: TrainingParts,
     loader: ShardLoader,
-    start_batch: int,
-    should_stop: Callable[[int], bool],
-    on_step: Callable[[int, torch.Tensor, int], None],
+    progress: Progress,
+    *,
+    start_batch: int = 0,
+    log_every: int,
+    tracker: Tracker | None = None,
+    stop: StopRequest | None = None,
 ) -> EpochResult:
-    """Train over the loader's remaining batches. ``should_stop(batch index)`` is asked after every
-    optimiser step; ``on_step(batch index, loss tensor, images)`` reports progress. Neither forces a
-    device sync unless it reads the loss, so the loop keeps the GPU queue full."""
-    model, criterion = stepper.model, nn.BCEWithLogitsLoss()
+    """Train on the loader's batches from ``start_batch`` to the epoch's end: one optimiser step per
+    ``parts.accumulate`` batches and after the last. Every ``log_every`` batches the loss is read (the one
+    device sync besides the stop check), shown and logged; at an optimiser step there, every rank agrees
+    whether ``stop`` was requested, and on it all return ``stopped`` after the same step."""
+    model, criterion = parts.model, nn.BCEWithLogitsLoss()
     model.train()
-    loss_sum, batches, images, started = torch.zeros((), device=stepper.device), 0, 0, time.perf_counter()
+    loss_sum, batches, images, started = torch.zeros((), device=parts.device), 0, 0, time.perf_counter()
     total = start_batch + len(loader)
     for index, batch in enumerate(loader, start=start_batch):
-        inputs = batch.images.contiguous(memory_format=torch.channels_last) if stepper.channels_last else batch.images
-        boundary = (index + 1) % stepper.accumulate == 0 or index + 1 == total
+        inputs = batch.images.contiguous(memory_format=torch.channels_last) if parts.channels_last else batch.images
+        boundary = (index + 1) % parts.accumulate == 0 or index + 1 == total  # an optimiser step after it
+        # DDP all-reduces the gradients at the optimiser step only; they add up locally before it.
         sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
-            with autocast(stepper.device, stepper.precision):
+            with autocast(parts.device, parts.precision):
                 loss = criterion(model(inputs).float(), batch.labels)
-            stepper.scaler.scale(loss / stepper.accumulate).backward()
+            parts.scaler.scale(loss / parts.accumulate).backward()
         if boundary:
-            optimizer_step(stepper)
+            if parts.clip:
+                parts.scaler.unscale_(parts.optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), parts.clip)
+            parts.scaler.step(parts.optimizer)  # skipped (fp16) when the gradients overflowed
+            parts.scaler.update()
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scheduler.step()
         loss_sum += loss.detach()
-        batches += 1
-        images += len(batch.keys)
-        on_step(index, loss.detach(), len(batch.keys))
-        if boundary and should_stop(index):
+        batches, images = batches + 1, images + len(batch.keys)
+        progress.advance(len(batch.keys))
+        if (index + 1) % log_every:
+            continue
+        rate, lr, value = progress.rate(), parts.optimizer.param_groups[0]["lr"], loss.item()
+        if tracker is not None:
+            tracker.log({"train/loss": value, "train/lr": lr, "train/img_per_s": rate}, parts.scheduler.last_epoch)
+        progress.show(index, value, lr, rate)
+        if boundary and stop is not None and stop_agreed(stop.requested, parts.device):
             return EpochResult(loss_sum.item() / batches, batches, images, time.perf_counter() - started, True)
     return EpochResult(loss_sum.item() / max(batches, 1), batches, images, time.perf_counter() - started, False)
-
-
-def optimizer_step(stepper: Stepper) -> None:
-    if stepper.clip_grad:
-        stepper.scaler.unscale_(stepper.optimizer)
-        nn.utils.clip_grad_norm_(stepper.model.parameters(), stepper.clip_grad)
-    stepper.scaler.step(stepper.optimizer)
-    stepper.scaler.update()
-    stepper.optimizer.zero_grad(set_to_none=True)
-    stepper.scheduler.step()
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from aidetect import plots
 from aidetect.audit import audit
@@ -40,7 +38,7 @@ from aidetect.distributed import (
     peers_watched,
     setup_distributed,
 )
-from aidetect.engine import Stepper, evaluate, stop_agreed, stop_check, train_one_epoch
+from aidetect.engine import Progress, ProgressStyle, TrainingParts, evaluate, stop_check, train_one_epoch
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import memory_named, resolve_precision
@@ -157,14 +155,25 @@ class Trainer:
             f"{self.config.optim.accumulate}: continue with {fits} and the same accumulate, or use a new run folder"
         )
 
-    def wrapped_model(self) -> nn.Module:
+    def training_parts(self) -> TrainingParts:
+        """What the step uses: the model DDP-wrapped over the processes and compiled when so configured."""
         model: nn.Module = self.model
         if self.info.world > 1:
             device_ids = [self.info.device] if self.info.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=device_ids)
         if self.config.model.compile:
             model = torch.compile(model)
-        return model
+        return TrainingParts(
+            model=model,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            scheduler=self.scheduler,
+            device=self.info.device,
+            precision=self.precision,
+            accumulate=self.config.optim.accumulate,
+            clip=self.config.optim.clip_grad,
+            channels_last=self.config.model.channels_last,
+        )
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -172,18 +181,7 @@ class Trainer:
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.out / "config.yaml")
-        config = self.config
-        stepper = Stepper(
-            self.wrapped_model(),
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            self.info.device,
-            self.precision,
-            config.optim.accumulate,
-            config.optim.clip_grad,
-            config.model.channels_last,
-        )
+        config, parts = self.config, self.training_parts()
         self.log(
             f"training {config.model.name} on {self.info.world} process(es), {self.info.device.type}, "
             f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
@@ -193,17 +191,26 @@ class Trainer:
             self.audit_shortcuts()
         for epoch in range(self.state.epoch, config.train.epochs):
             with self.stop.deferred():  # acted on at a step all ranks agree on, after saving last.pt
-                summary = self.state.pending or self.train_epoch(stepper, epoch)
+                summary = self.state.pending or self.train_epoch(parts, epoch)
                 self.end_epoch(epoch, summary)
         return self.test()
 
-    def train_epoch(self, stepper: Stepper, epoch: int) -> dict[str, float]:
+    def train_epoch(self, parts: TrainingParts, epoch: int) -> dict[str, float]:
         """Train the rest of ``epoch``; returns its summary (every rank's mean loss, images per second). On a
-        stop agreed by every rank, saves ``last.pt`` with the position and raises ``Stopped``."""
-        start_batch = self.state.batch
-        self.loaders["train"].set_epoch(epoch, start_batch)
-        progress = Progress(self, epoch, start_batch)
-        result = train_one_epoch(stepper, self.loaders["train"], start_batch, self.should_stop, progress.update)
+        stop agreed by every rank, saves ``last.pt`` with the position and raises ``Stopped``. A signal is
+        acted on within ``train.log_every`` batches: the ranks agree on it that often."""
+        start_batch, loader = self.state.batch, self.loaders["train"]
+        loader.set_epoch(epoch, start_batch)
+        progress = Progress(epoch, start_batch, len(loader), self.info.world, progress_style(self.info.is_main))
+        result = train_one_epoch(
+            parts,
+            loader,
+            progress,
+            start_batch=start_batch,
+            log_every=self.config.train.log_every,
+            tracker=self.tracker,
+            stop=self.stop,
+        )
         progress.close()
         self.state.step = self.scheduler.last_epoch
         if result.stopped:
@@ -248,12 +255,6 @@ class Trainer:
             self.config.model.channels_last,
             stop_check(self.stop, loader, self.info.device),
         ).gather()
-
-    def should_stop(self, index: int) -> bool:
-        """Agreed across ranks every ``log_every`` batches: a signal is acted on within that many steps."""
-        if (index + 1) % self.config.train.log_every:
-            return False
-        return stop_agreed(self.stop.requested, self.info.device)
 
     def end_epoch(self, epoch: int, summary: dict[str, float]) -> None:
         """Validate the trained ``epoch``, log it, keep ``best.pt`` and ``last.pt``. A stop during the validation
@@ -357,41 +358,11 @@ class Trainer:
             print(f"[aidetect] {message}", flush=True)
 
 
-class Progress:
-    """Rank 0's progress: a tqdm bar on a terminal, a plain line every ``log_every`` steps otherwise
-    (SLURM log files); per-step loss, learning rate and throughput also go to wandb."""
-
-    def __init__(self, trainer: Trainer, epoch: int, start_batch: int) -> None:
-        self.trainer, self.epoch = trainer, epoch
-        self.total = start_batch + len(trainer.loaders["train"])
-        self.started, self.images, self.done = time.perf_counter(), 0, 0
-        interactive = trainer.info.is_main and sys.stderr.isatty()
-        self.bar = tqdm(total=self.total, initial=start_batch, desc=f"epoch {epoch + 1}", disable=not interactive)
-
-    def update(self, index: int, loss: torch.Tensor, images: int) -> None:
-        """Reads the loss (a device sync) only every ``log_every`` batches."""
-        trainer = self.trainer
-        self.images += images * trainer.info.world
-        self.done += 1
-        self.bar.update()
-        if (index + 1) % trainer.config.train.log_every or not trainer.info.is_main:
-            return
-        rate = self.images / max(time.perf_counter() - self.started, 1e-9)
-        lr, value = trainer.optimizer.param_groups[0]["lr"], loss.item()
-        trainer.tracker.log(
-            {"train/loss": value, "train/lr": lr, "train/img_per_s": rate}, trainer.scheduler.last_epoch
-        )
-        if self.bar.disable:
-            eta = (self.total - index - 1) * (time.perf_counter() - self.started) / self.done
-            trainer.log(
-                f"epoch {self.epoch + 1} batch {index + 1}/{self.total} loss {value:.4f} lr {lr:.2e} "
-                f"{rate:.0f} img/s eta {eta:.0f}s"
-            )
-        else:
-            self.bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.0f}")
-
-    def close(self) -> None:
-        self.bar.close()
+def progress_style(is_main: bool) -> ProgressStyle:
+    """Rank 0 shows a bar on a terminal and plain lines in a log file (SLURM); the other ranks nothing."""
+    if not is_main:
+        return "none"
+    return "bar" if sys.stderr.isatty() else "lines"
 
 
 def ranks_by_host(hostnames: list[str]) -> str:

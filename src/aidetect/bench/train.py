@@ -20,7 +20,7 @@ from torch import nn
 
 from aidetect.bench.data import machine, repeated_loader
 from aidetect.data.loader import Batch, ShardLoader
-from aidetect.engine import EpochResult, Stepper, autocast, train_one_epoch
+from aidetect.engine import EpochResult, Progress, TrainingParts, autocast, train_one_epoch
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import resolve_precision
 from aidetect.models import build_model
@@ -90,33 +90,36 @@ def bare_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) ->
     return steps * len(batches[0].keys) / (time.perf_counter() - started)
 
 
-def make_stepper(settings: dict[str, Any]) -> Stepper:
+def make_parts(settings: dict[str, Any]) -> TrainingParts:
     device, precision = settings["device"], settings["precision"]
     model, optimizer, scaler = setup(
         settings["name"], settings["image_size"], device, precision, settings["channels_last"], settings["compile_"]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return Stepper(model, optimizer, scheduler, scaler, device, precision, 1, None, settings["channels_last"])
+    return TrainingParts(
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        scheduler=scheduler,
+        device=device,
+        precision=precision,
+        channels_last=settings["channels_last"],
+    )
 
 
-def run_epoch(stepper: Stepper, batches: InMemoryBatches | ShardLoader, start_batch: int = 0) -> EpochResult:
-    """aidetect's ``train_one_epoch`` (with a progress callback that reads the loss every 20 steps)."""
-    losses: list[float] = []
-
-    def on_step(index: int, loss: torch.Tensor, images: int) -> None:
-        if (index + 1) % 20 == 0:
-            losses.append(loss.item())
-
-    result = train_one_epoch(stepper, batches, start_batch, lambda index: False, on_step)
-    synchronize(stepper.device)
+def run_epoch(parts: TrainingParts, batches: InMemoryBatches | ShardLoader, start_batch: int = 0) -> EpochResult:
+    """aidetect's ``train_one_epoch`` as a training run calls it, reading the loss every 20 steps, showing nothing."""
+    progress = Progress(0, start_batch, len(batches), 1, "none")
+    result = train_one_epoch(parts, batches, progress, start_batch=start_batch, log_every=20)
+    synchronize(parts.device)
     return result
 
 
 def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
     """aidetect's loop on the same in-memory batches over and over."""
-    stepper = make_stepper(settings)
-    run_epoch(stepper, InMemoryBatches(batches, warmup))
-    result = run_epoch(stepper, InMemoryBatches(batches, steps))
+    parts = make_parts(settings)
+    run_epoch(parts, InMemoryBatches(batches, warmup))
+    result = run_epoch(parts, InMemoryBatches(batches, steps))
     return result.images / result.seconds
 
 
@@ -124,15 +127,15 @@ def loader_fed_rate(pack: str, workers: int, batch_size: int, steps: int, warmup
     """aidetect's loop fed by the training loader: ``pack``'s images decoded by ``workers`` processes,
     cropped to the image size, normalised on the device, for an epoch of at least ``steps`` batches (the
     pack listed as often as that takes). The last ``warmup`` batches of a first epoch start the workers."""
-    stepper = make_stepper(settings)
+    parts = make_parts(settings)
     loader = repeated_loader(
         pack, batch_size, workers, steps * batch_size, crop=settings["image_size"], device=settings["device"]
     )
     first = max(0, len(loader) - warmup)
     loader.set_epoch(0, first)
-    run_epoch(stepper, loader, first)
+    run_epoch(parts, loader, first)
     loader.set_epoch(1)
-    result = run_epoch(stepper, loader)
+    result = run_epoch(parts, loader)
     return result.images / result.seconds
 
 
