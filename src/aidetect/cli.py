@@ -29,7 +29,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
     every default in its help, and adds its arguments (``arguments(self)``) when it first parses."""
 
     def __init__(self, *args: Any, arguments: Arguments | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, formatter_class=DefaultsShown, **kwargs)
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
         self.arguments = arguments
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
