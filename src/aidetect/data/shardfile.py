@@ -49,7 +49,8 @@ class StoredSample(NamedTuple):
 def write_members(stream: BinaryIO, members: Iterable[tuple[str, bytes]]) -> None:
     """A shard of ``members`` ((name, bytes), in order) written to ``stream``: the archive WebDataset's
     ``TarWriter`` writes (the bytes of every pack so far), with a fixed mtime and owner, so that a shard
-    packed again is byte-identical."""
+    packed again is byte-identical. The standard library's ``tarfile`` rather than ``TarWriter`` itself:
+    importing webdataset loads torch, which pack's worker processes otherwise never need."""
     with tarfile.open(fileobj=stream, mode="w|") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
