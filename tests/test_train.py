@@ -13,10 +13,12 @@ from helpers.commands import run_cli, signal_group_at, torchrun, torchrun_comman
 from helpers.training import AUGMENTED, kill_and_resume, train_args, weights
 
 from aidetect.checkpoint import load_checkpoint
-from aidetect.config import bundled_configs, load_config, validate
+from aidetect.config import CHOICES, Config, OptimConfig, ScheduleConfig, bundled_configs, load_config, validate
 from aidetect.data.degrade import Augmentation
+from aidetect.errors import UserError
+from aidetect.hardware import set_cuda_environment
 from aidetect.metrics import METRIC_KEYS
-from aidetect.train import augmentation
+from aidetect.train import OPTIMIZERS, SCHEDULES, augmentation, build_optimizer, build_scheduler, seed_everything
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path, tmp_path: Path) -> None:
@@ -275,3 +277,33 @@ def test_torch_compile_path_trains(tiny_pack: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_checkpoint(out / "best.pt").model.keys() == load_checkpoint(out / "last.pt").model.keys()
     assert not any(key.startswith("_orig_mod") for key in load_checkpoint(out / "last.pt").model)  # plain weights
+
+
+def test_every_optimizer_and_schedule_choice_is_built_and_no_other() -> None:
+    assert set(OPTIMIZERS) == set(CHOICES["optim.name"]) and set(SCHEDULES) == set(CHOICES["schedule.name"])
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(UserError) as unknown_optimizer:
+        build_optimizer(model, OptimConfig(name="lamb"))
+    assert str(unknown_optimizer.value) == "config key optim.name must be one of adam, adamw, sgd, got 'lamb'"
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1))
+    with pytest.raises(UserError) as unknown_schedule:
+        build_scheduler(optimizer, Config(schedule=ScheduleConfig(name="linear")), 10)
+    assert str(unknown_schedule.value) == (
+        "config key schedule.name must be one of multistep, cosine, constant, got 'linear'"
+    )
+
+
+def test_a_deterministic_cuda_run_needs_the_cublas_workspace_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with pytest.raises(UserError) as refused:
+        seed_everything(0, True, torch.device("cuda"))  # refused before any CUDA work
+    assert (
+        str(refused.value) == "train.deterministic on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 set before CUDA starts"
+    )
+    set_cuda_environment(False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_cuda_environment(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own (deterministic) choice is kept
+    set_cuda_environment(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -431,9 +431,12 @@ def run_audit(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from aidetect.config import config_from_args
+    from aidetect.hardware import set_cuda_environment
     from aidetect.train import train
 
-    train(config_from_args(args))
+    config = config_from_args(args)
+    set_cuda_environment(config.train.deterministic)  # before any CUDA work: read once, at cuBLAS's start
+    train(config)
     return 0
 
 

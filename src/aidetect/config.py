@@ -250,13 +250,17 @@ def check_type(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"config key {key} must be {names}, got {value!r}")
 
 
+def check_choice(key: str, value: Any) -> None:
+    """One line naming ``key`` and its choices (``CHOICES``) unless ``value`` is one of them."""
+    if value not in CHOICES[key]:
+        raise UserError(f"config key {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+
+
 def validate(config: Config) -> None:
     """Checks across keys, and those that need the file system (after overrides are applied)."""
-    for dotted, options in CHOICES.items():
+    for dotted in CHOICES:
         section, key = dotted.split(".")
-        value = getattr(getattr(config, section), key)
-        if value not in options:
-            raise UserError(f"config key {dotted} must be one of {', '.join(map(str, options))}, got {value!r}")
+        check_choice(dotted, getattr(getattr(config, section), key))
     from aidetect.models import MODELS
 
     if config.model.name not in MODELS:

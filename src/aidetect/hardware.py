@@ -27,6 +27,9 @@ from aidetect.preemption import OutOfMemory
 if TYPE_CHECKING:  # torch is imported where it is used: the config module reads the choice lists above
     import torch
 
+# cuBLAS is deterministic only with a fixed workspace (CUDA >= 10.2); it reads the setting when it makes its
+# first handle, so the variable must be in the environment before a process's first CUDA matrix product.
+DETERMINISTIC_CUBLAS = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cuda", "cpu")
 BF16_CAPABILITY = (8, 0)  # the first GPUs with bf16 tensor cores (Ampere)
@@ -156,6 +159,14 @@ def choose_device(requested: str, facts: CudaFacts) -> str:
             "set train.device cpu to train on the CPU anyway"
         )
     return "cpu"
+
+
+def set_cuda_environment(deterministic: bool) -> None:
+    """Put into this process's environment what CUDA libraries read once, at their first use: call where a
+    command starts, before any CUDA work. ``train.deterministic`` needs cuBLAS's fixed workspace
+    (``DETERMINISTIC_CUBLAS``); a value the user set is kept."""
+    if deterministic:
+        os.environ.setdefault(*DETERMINISTIC_CUBLAS)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

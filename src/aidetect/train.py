@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from aidetect import plots
+from aidetect import models, plots
 from aidetect.audit import audit
 from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from aidetect.config import Config, DataConfig, save_config, validate
+from aidetect.config import Config, DataConfig, ModelConfig, OptimConfig, check_choice, save_config, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.loader import ShardLoader, build_loader
-from aidetect.data.manifest import check_holdout, read_manifest, run_splits
+from aidetect.data.manifest import Selection, check_holdout, read_manifest, run_splits
 from aidetect.data.stage import stage_pack
 from aidetect.distributed import (
     DistInfo,
@@ -41,9 +42,8 @@ from aidetect.distributed import (
 from aidetect.engine import Progress, ProgressStyle, TrainingParts, evaluate, stop_check, train_one_epoch
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
-from aidetect.hardware import memory_named, resolve_precision
+from aidetect.hardware import DETERMINISTIC_CUBLAS, memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
-from aidetect.models import build_model
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.tracking import Tracker
 
@@ -64,29 +64,29 @@ def train(config: Config) -> dict[str, Any]:
 
 
 class Trainer:
-    """One process's training run: ``run()`` trains every epoch, validating each, then tests ``best.pt``.
-    ``shards``: where this node reads the pack (``config.data.shards``, or its staged copy); the config is
-    recorded as given."""
+    """One process's part of a training run (every process of the run makes one, with the same config).
+
+    Built from the config (``build_*``), resumed from ``train.resume`` when set (``last.pt`` with
+    ``auto``); ``run()`` then trains each remaining epoch, validates it, keeps ``best.pt`` and ``last.pt``,
+    and finally tests ``best.pt`` and returns its test metrics. Rank 0 writes everything under
+    ``train.out`` (config.yaml, metrics.jsonl, curves.png, the checkpoints, test_metrics.json and plots)
+    and logs; every rank must call ``run()``, which makes collective calls (all-gathers, barriers, the stop
+    agreement). A stop signal makes all ranks save ``last.pt`` at the same step and raise ``Stopped``; bad
+    input is a ``UserError`` before any training. ``shards``: where this node reads the pack
+    (``config.data.shards``, or its staged copy); the config is recorded as given."""
 
     def __init__(self, config: Config, info: DistInfo, stop: StopRequest, shards: str) -> None:
         self.config, self.info, self.stop, self.shards = config, info, stop, shards
         self.out = Path(config.train.out)
         self.manifest = read_manifest(shards)
-        if config.data.holdout_source:
-            check_holdout(shards, config.data.holdout_source)
-        self.image_size = config.data.crop or self.manifest["settings"]["size"]
-        if config.data.decode == "gpu" and info.device.type != "cuda":
-            raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {info.device}: set cpu")
+        check_inputs(config, shards, info.device)
         self.precision = resolve_precision(config.train.precision, info.device)
-        seed_everything(config.train.seed + info.rank, config.train.deterministic)
+        seed_everything(config.train.seed + info.rank, config.train.deterministic, info.device)
         self.splits = run_splits(self.manifest, config.data.fold, config.data.holdout_source)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
-        self.model = build_model(config.model.name, self.image_size, config.model.pretrained).to(info.device)
-        if config.model.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        steps_per_epoch = math.ceil(len(self.loaders["train"]) / config.optim.accumulate)
-        self.optimizer = make_optimizer(self.model, config)
-        self.scheduler = make_scheduler(self.optimizer, config, steps_per_epoch)
+        self.model = build_model(config.model, config.data.crop or self.manifest["settings"]["size"], info.device)
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config, len(self.loaders["train"]))
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
         self.state = RunState()
         resumed = self.resume()
@@ -94,27 +94,12 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------
 
-    def make_loader(self, split: str):
-        data, train = self.config.data, split == "train"
-        return build_loader(
-            self.shards,
-            self.splits[split].splits,
-            batch_size=data.batch_size,
-            train=train,
-            crop=data.crop,
-            num_workers=data.workers,
-            seed=self.config.train.seed,
-            rank=self.info.rank,
-            world=self.info.world,
-            device=self.info.device,
-            noise_std=data.noise_std if train else 0.0,
-            accumulate=self.config.optim.accumulate if train else 1,
-            keep=self.splits[split].keep,
-            degrade=augmentation(data) if train else None,
-            decode_on_device=data.decode == "gpu",
-        )
+    def make_loader(self, split: str) -> ShardLoader:
+        return build_split_loader(self.config, self.info, self.shards, self.splits[split], split == "train")
 
     def resume(self) -> Checkpoint | None:
+        """Load ``train.resume`` into the model, optimiser, scheduler, scaler, position and RNG states, and
+        return it; None when there is nothing to resume."""
         source = self.config.train.resume
         path = self.out / "last.pt" if source == "auto" else Path(source) if source else None
         if path is None or (source == "auto" and not path.exists()):
@@ -383,46 +368,116 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def check_inputs(config: Config, shards: str, device: torch.device) -> None:
+    """``UserError`` for a held-out source that pack ``shards`` lacks, or GPU decoding without a CUDA device."""
+    if config.data.holdout_source:
+        check_holdout(shards, config.data.holdout_source)
+    if config.data.decode == "gpu" and device.type != "cuda":
+        raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {device}: set cpu")
+
+
+def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic``, only deterministic kernels. On CUDA these need
+    cuBLAS's fixed workspace in the environment before the process's first CUDA work: ``aidetect train``
+    and submitted jobs set it where they start (``hardware.set_cuda_environment``), a program calling
+    ``train()`` itself must too; a one-line ``UserError`` otherwise."""
+    variable, value = DETERMINISTIC_CUBLAS
+    if deterministic and device.type == "cuda" and variable not in os.environ:
+        raise UserError(f"train.deterministic on CUDA needs {variable}={value} set before CUDA starts")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
 
-def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
-    optim = config.optim
-    if optim.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay
-        )
-    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+def build_split_loader(config: Config, info: DistInfo, shards: str, selection: Selection, train: bool) -> ShardLoader:
+    """This process's loader of ``selection`` of pack ``shards``; ``train``: the training loader (shuffled per
+    epoch, grouped by ``optim.accumulate``, with noise and augmentation), else an evaluation one."""
+    data = config.data
+    return build_loader(
+        shards,
+        selection.splits,
+        batch_size=data.batch_size,
+        train=train,
+        crop=data.crop,
+        num_workers=data.workers,
+        seed=config.train.seed,
+        rank=info.rank,
+        world=info.world,
+        device=info.device,
+        noise_std=data.noise_std if train else 0.0,
+        accumulate=config.optim.accumulate if train else 1,
+        keep=selection.keep,
+        degrade=augmentation(data) if train else None,
+        decode_on_device=data.decode == "gpu",
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps_per_epoch: int):
-    """Per-step learning-rate factor: linear warmup, then multi-step halving (the original recipe),
-    cosine decay to ``min_lr``, or constant."""
-    schedule, epochs = config.schedule, config.train.epochs
-    warmup = round(schedule.warmup_epochs * steps_per_epoch)
-    total = max(epochs * steps_per_epoch, 1)
-    floor = schedule.min_lr / config.optim.lr
+def build_model(config: ModelConfig, image_size: int, device: torch.device) -> nn.Module:
+    """The configured network for ``image_size`` inputs on ``device``, channels-last when so configured."""
+    model = models.build_model(config.name, image_size, config.pretrained).to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimiser of ``model``'s parameters (``momentum`` for sgd only); a one-line
+    ``UserError`` for a name that is not one of ``config.CHOICES["optim.name"]``."""
+    check_choice("optim.name", optim.name)
+    momentum = {"momentum": optim.momentum} if optim.name == "sgd" else {}
+    return OPTIMIZERS[optim.name](model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, **momentum)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: Config, batches_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate's factor at each optimiser step (``optim.accumulate`` batches): a linear warmup
+    over ``schedule.warmup_epochs``, then ``SCHEDULES[schedule.name]``; a one-line ``UserError`` for a name
+    that is not one of ``config.CHOICES["schedule.name"]``."""
+    check_choice("schedule.name", config.schedule.name)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.optim.accumulate)
+    warmup = round(config.schedule.warmup_epochs * steps_per_epoch)
+    after = SCHEDULES[config.schedule.name](config, steps_per_epoch, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (step + 1) / warmup if step < warmup else after(step)
+    )
+
+
+def multistep(config: Config, steps_per_epoch: int, warmup: int) -> Callable[[int], float]:
+    """Times ``schedule.gamma`` at each of ``schedule.milestones`` (epochs): the original recipe."""
+    milestones = [m * steps_per_epoch for m in config.schedule.milestones]
+    return lambda step: config.schedule.gamma ** sum(step >= m for m in milestones)
+
+
+def cosine(config: Config, steps_per_epoch: int, warmup: int) -> Callable[[int], float]:
+    """Half a cosine from 1 after the warmup down to ``schedule.min_lr / optim.lr`` at the run's last step."""
+    total = max(config.train.epochs * steps_per_epoch, 1)
+    floor = config.schedule.min_lr / config.optim.lr
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule.name == "multistep":
-            return schedule.gamma ** sum(step >= m * steps_per_epoch for m in schedule.milestones)
-        if schedule.name == "cosine":
-            progress = (step - warmup) / max(total - warmup, 1)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
+        progress = (step - warmup) / max(total - warmup, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def constant(config: Config, steps_per_epoch: int, warmup: int) -> Callable[[int], float]:
+    return lambda step: 1.0
+
+
+SCHEDULES: dict[str, Callable[[Config, int, int], Callable[[int], float]]] = {
+    "multistep": multistep,
+    "cosine": cosine,
+    "constant": constant,
+}
 
 
 def misclassified(shards: str, predictions: Predictions, limit: int = 16) -> list[tuple[Any, str]]:

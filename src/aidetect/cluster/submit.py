@@ -31,6 +31,7 @@ from aidetect.config import Config, DataConfig, build, to_dict, validate
 from aidetect.data.manifest import fake_sources
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
+from aidetect.hardware import set_cuda_environment
 from aidetect.preemption import Outcome, Stopped, requeue_decision
 
 JOBS_FILE = "jobs.json"
@@ -46,6 +47,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from aidetect.train import train
 
         keep_freed_memory()  # this process starts here, not in aidetect.cli.main
+        set_cuda_environment(config["train"]["deterministic"])  # before any CUDA work, as aidetect.cli's train
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
