@@ -53,6 +53,12 @@ def test_bench_train_compares_the_loop_with_bare_pytorch_and_with_the_loader_fee
         "bf16/channels_last",
     }
     assert all(rate > 0 for rate in figures["settings"].values()) and figures["device"] == "cpu"
+    kernel = figures["settings_kernel"]  # what each setting's timed steps cost in the kernel
+    assert set(kernel) == set(figures["settings"])
+    for cost in kernel.values():
+        assert set(cost) == {"minor_faults_per_step", "system_s_per_step"}
+        assert all(isinstance(value, (int, float)) and value >= 0 for value in cost.values())
+    assert "minor faults/step" in result.stdout and "ms system CPU/step" in result.stdout
     fed = figures["loader_fed"]
     assert fed["pack"] == str(tiny_pack) and fed["workers"] == 2
     assert fed["vs_in_memory"] == fed["img_per_s"] / figures["loop_img_per_s"] > 0

@@ -5,12 +5,15 @@ Both loops run the same model on the same in-memory batches at the same precisio
 signal checks, accumulation bookkeeping, the scheduler. Then every (precision, channels_last,
 compile) setting asked for is timed with aidetect's loop. With a pack (``data``), the loop at the
 reference setting is also timed fed by the training loader, real batches decoded by its workers:
-``loader_fed.vs_in_memory`` below 1 is what the loader costs the GPU.
+``loader_fed.vs_in_memory`` below 1 is what the loader costs the GPU. Each setting's timed steps also
+report minor page faults and system CPU seconds per step (``settings_kernel``): an allocator that returns
+memory to the kernel every step (and faults it in again) shows there, not only as a lower rate.
 """
 
 from __future__ import annotations
 
 import itertools
+import resource
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -115,12 +118,23 @@ def run_epoch(parts: TrainingParts, batches: InMemoryBatches | ShardLoader, star
     return result
 
 
-def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> float:
-    """aidetect's loop on the same in-memory batches over and over."""
+def loop_rate(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> tuple[float, dict[str, float]]:
+    """aidetect's loop on the same in-memory batches over and over: images per second, and what the timed
+    steps cost in the kernel (``kernel_cost``)."""
     parts = make_parts(settings)
     run_epoch(parts, InMemoryBatches(batches, warmup))
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = run_epoch(parts, InMemoryBatches(batches, steps))
-    return result.images / result.seconds
+    return result.images / result.seconds, kernel_cost(before, resource.getrusage(resource.RUSAGE_SELF), steps)
+
+
+def kernel_cost(before: resource.struct_rusage, after: resource.struct_rusage, steps: int) -> dict[str, float]:
+    """Minor page faults and system CPU seconds per step between two ``getrusage(RUSAGE_SELF)`` readings (all
+    threads of this process): an allocator that hands memory back to the kernel every step shows here."""
+    return {
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "system_s_per_step": (after.ru_stime - before.ru_stime) / steps,
+    }
 
 
 def loader_fed_rate(pack: str, workers: int, batch_size: int, steps: int, warmup: int, **settings: Any) -> float:
@@ -162,7 +176,7 @@ def bench_train(
     base = {"name": model, "image_size": image_size, "device": device, "compile_": False}
     default = base | {"precision": resolve_precision("auto", device), "channels_last": True}
     bare = bare_rate(batches, steps, warmup, **default)
-    ours = loop_rate(batches, steps, warmup, **default)
+    ours, _ = loop_rate(batches, steps, warmup, **default)
     results: dict[str, Any] = {
         "model": model,
         "image_size": image_size,
@@ -174,19 +188,25 @@ def bench_train(
         "loop_img_per_s": ours,
         "loop_overhead_ratio": ours / bare,
         "settings": {},
+        "settings_kernel": {},
         "loader_fed": None,
     }
-    for precision, channels_last, compiled in itertools.product(precisions, (False, True), (False, True)):
-        if compiled and not compile_:
-            continue
-        settings = base | {"precision": precision, "channels_last": channels_last, "compile_": compiled}
-        results["settings"][setting_name(settings)] = loop_rate(batches, steps, warmup, **settings)
+    for settings in each_setting(base, precisions, compile_):
+        name = setting_name(settings)
+        results["settings"][name], results["settings_kernel"][name] = loop_rate(batches, steps, warmup, **settings)
     if data:
         fed = loader_fed_rate(data, workers, batch_size, steps, warmup, **default)
         results["loader_fed"] = {"pack": str(data), "workers": workers, "img_per_s": fed, "vs_in_memory": fed / ours}
     if json_path:
         atomic_write_json(json_path, results)
     return results
+
+
+def each_setting(base: dict[str, Any], precisions: tuple[str, ...], compile_: bool) -> Iterator[dict[str, Any]]:
+    """``base`` at every precision, in both memory layouts, compiled too with ``compile_``."""
+    for precision, channels_last, compiled in itertools.product(precisions, (False, True), (False, True)):
+        if compile_ or not compiled:
+            yield base | {"precision": precision, "channels_last": channels_last, "compile_": compiled}
 
 
 def setting_name(settings: dict[str, Any]) -> str:
@@ -205,7 +225,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"img/s ({results['reference_setting']}): loop_overhead_ratio {results['loop_overhead_ratio']:.3f} "
         "(target >= 0.95)",
     ]
-    lines += [f"  {name:<28}{rate:>10.1f} img/s" for name, rate in results["settings"].items()]
+    for name, rate in results["settings"].items():
+        kernel = results["settings_kernel"][name]
+        lines.append(
+            f"  {name:<28}{rate:>10.1f} img/s {kernel['minor_faults_per_step']:>12.0f} minor faults/step "
+            f"{kernel['system_s_per_step'] * 1000:>9.1f} ms system CPU/step"
+        )
     fed = results["loader_fed"]
     if fed:
         lines.append(
