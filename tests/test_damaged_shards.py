@@ -23,10 +23,10 @@ import pytest
 from helpers.commands import run_cli
 
 from aidetect.data.loader import ShardDataset
-from aidetect.data.manifest import Shard, fold_splits, read_manifest, sample_records, select_shards, verify_shards
+from aidetect.data.manifest import fold_splits, read_manifest, sample_records, select_shards, verify_shards
 from aidetect.data.pack import encode
 from aidetect.data.plan import epoch_order
-from aidetect.data.shardfile import shard_records, tar_samples
+from aidetect.data.shardfile import Shard, shard_records, tar_samples
 from aidetect.errors import UserError
 
 FIX = "copy it again, or restore it by re-running 'aidetect pack SRC "

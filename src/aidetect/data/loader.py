@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aidetect.data.batchslots import AHEAD, BatchSlots
 from aidetect.data.integrity import damaged
-from aidetect.data.manifest import Keep, Shard, read_manifest, select_shards
+from aidetect.data.manifest import Keep, read_manifest, select_shards
 from aidetect.data.plan import epoch_order, rank_batches, sample_permutation, seeded, worker_batches
-from aidetect.data.shardfile import ShardIndexes, StoredSample, read_image
+from aidetect.data.shardfile import Shard, ShardIndexes, StoredSample, read_image
 from aidetect.data.stored import decode_stored, decode_stored_batch
 from aidetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_flip_draws, crop_flip_into
 from aidetect.errors import UserError

@@ -16,24 +16,10 @@ from typing import Any
 
 from aidetect.data.integrity import ShardProblem, file_problem, manifest_problems
 from aidetect.data.packformat import FORMAT, MANIFEST
-from aidetect.data.shardfile import shard_records, tar_problem
+from aidetect.data.shardfile import Shard, shard_records, tar_problem
 from aidetect.errors import UserError
 
 Keep = Callable[[dict[str, Any]], bool]  # a predicate on a sample's ``.json`` record: is it read?
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: str
-    stored: int  # samples in the file, as the manifest records
-    bytes: int  # size and sha256 as the manifest records them
-    sha256: str
-    keep: tuple[int, ...] | None = None  # the samples selected (indices in file order); None: all
-
-    @property
-    def count(self) -> int:
-        """Samples this shard contributes."""
-        return self.stored if self.keep is None else len(self.keep)
 
 
 @dataclass(frozen=True)

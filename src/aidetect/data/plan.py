@@ -22,7 +22,7 @@ import hashlib
 import random
 from pathlib import Path
 
-from aidetect.data.manifest import Shard
+from aidetect.data.shardfile import Shard
 
 
 def seeded(*parts: object) -> int:

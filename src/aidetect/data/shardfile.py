@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from aidetect.data.integrity import DamagedShard, ShardProblem, bytes_problem, damaged, file_problem
@@ -23,13 +24,27 @@ from aidetect.data.packformat import CLASSES
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from aidetect.data.manifest import Shard
-
 BLOCK = 512  # tar's block: every header is one, every member's bytes are padded to a multiple
 ZERO_BLOCK = bytes(BLOCK)
 CHECKSUM_AS_BLANKS = 8 * ord(" ")  # a header's checksum field counts as eight spaces in its own sum
 OCTAL_FIELD = re.compile(rb" *([0-7]+)[ \0]*")  # a number as tar writes it: octal digits, then NULs or spaces
 IMAGE_EXTENSIONS = ("jpg", "png")  # a sample's stored image: the first of these it holds
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A shard file as the manifest records it, and the samples of it a run selects."""
+
+    path: str
+    stored: int  # samples in the file, as the manifest records
+    bytes: int  # size and sha256 as the manifest records them
+    sha256: str
+    keep: tuple[int, ...] | None = None  # the samples selected (indices in file order); None: all
+
+    @property
+    def count(self) -> int:
+        """Samples this shard contributes."""
+        return self.stored if self.keep is None else len(self.keep)
 
 
 class StoredSample(NamedTuple):
