@@ -242,7 +242,24 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image if image.mode == "RGBA" else image.convert("RGBA")
         white = Image.new("RGB", rgba.size, (255, 255, 255))
         white.paste(rgba, mask=rgba)  # its colour over white by its alpha, in place: no RGBA copies
-        return np.asarray(white)
+        return pixel_array(white)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image)
+    return pixel_array(image)
+
+
+def pixel_array(image: Image.Image) -> np.ndarray:
+    """``np.asarray(image)`` (read-only, the same pixels) in one pass over them instead of two.
+
+    ``np.asarray`` takes Pillow's ``tobytes``, which packs the pixels into chunks of ``ImageFile.MAXBLOCK``
+    bytes (64 KB) and joins them: a full-size camera image is copied twice, and held twice at the peak.
+    With one chunk as large as the image, the join hands that chunk back as it is (``bytes.join`` of one
+    bytes object returns it). Pack's workers are single-threaded; another thread saving an image meanwhile
+    would only get a larger buffer."""
+    saved = ImageFile.MAXBLOCK
+    ImageFile.MAXBLOCK = max(saved, image.width * image.height * len(image.getbands()))
+    try:
+        data = image.tobytes()
+    finally:
+        ImageFile.MAXBLOCK = saved
+    return np.frombuffer(data, dtype=np.uint8).reshape(image.height, image.width, len(image.getbands()))
