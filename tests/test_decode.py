@@ -12,7 +12,7 @@ from PIL import Image
 
 from aidetect.checkpoint import Checkpoint, RunState, save_checkpoint
 from aidetect.config import Config, ModelConfig
-from aidetect.data.decode import UnreadableImage, decode_image
+from aidetect.data.decode import UnreadableImage, decode_image, pixel_array
 from aidetect.data.pack import PackSettings
 from aidetect.data.synth import encode_jpeg, encode_png, png_with_claimed_size, render
 from aidetect.inference import predict
@@ -208,3 +208,13 @@ def test_file_facts_of_other_formats_have_no_jpeg_settings(tmp_path: Path, scene
         None,
     )
     assert decode_image(deep).file["bits"] == 16
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_pixel_array_is_numpys_view_of_the_image(mode: str) -> None:
+    from PIL import ImageFile
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 517, 4), np.uint8), "RGBA").convert(mode)
+    block = ImageFile.MAXBLOCK
+    assert np.array_equal(pixel_array(image).squeeze(), np.asarray(image))
+    assert block == ImageFile.MAXBLOCK  # Pillow's setting is back as it was
