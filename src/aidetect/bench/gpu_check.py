@@ -216,10 +216,12 @@ def bench_lines(bench: dict[str, Any]) -> list[str]:
 def probe(path: Path) -> int:
     """The probe step: ``node_facts()`` to ``path``, then ``aidetect doctor`` in this process (no second
     start of torch); its exit code."""
-    from aidetect.cli import main as cli_main
+    from aidetect.doctor import doctor
 
     path.write_text(json.dumps(node_facts(), indent=1) + "\n")
-    return cli_main(["doctor"])
+    lines, passed = doctor()
+    print("\n".join(lines), flush=True)
+    return 0 if passed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
