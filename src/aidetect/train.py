@@ -84,7 +84,9 @@ class Trainer:
         seed_everything(config.train.seed + info.rank, config.train.deterministic, info.device)
         self.splits = run_splits(self.manifest, config.data.fold, config.data.holdout_source)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
-        self.model = build_model(config.model, config.data.crop or self.manifest["settings"]["size"], info.device)
+        self.model = build_trained_model(
+            config.model, config.data.crop or self.manifest["settings"]["size"], info.device
+        )
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.loaders["train"]))
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
@@ -415,7 +417,7 @@ def build_split_loader(config: Config, info: DistInfo, shards: str, selection: S
     )
 
 
-def build_model(config: ModelConfig, image_size: int, device: torch.device) -> nn.Module:
+def build_trained_model(config: ModelConfig, image_size: int, device: torch.device) -> nn.Module:
     """The configured network for ``image_size`` inputs on ``device``, channels-last when so configured."""
     model = models.build_model(config.name, image_size, config.pretrained).to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
