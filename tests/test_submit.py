@@ -266,6 +266,7 @@ def test_wandb_sync_lists_offline_runs(tiny_pack: Path, tmp_path: Path) -> None:
     assert listed.returncode == 0 and "offline-run-" in listed.stdout
 
 
+@pytest.mark.slurm  # the local profile submits to the test cluster
 def test_bench_cv_times_parallel_folds_against_one(tiny_pack: Path, tmp_path: Path) -> None:
     result = run_cli(
         "bench",
