@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+from aidetect.backbones import PREFIX, TimmBinary
 from aidetect.errors import UserError
 
 
@@ -106,6 +107,9 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 
 
 def build_model(name: str, image_size: int, pretrained: str | None = None) -> nn.Module:
+    """``name`` is one of ``MODELS`` or ``timm:ARCH`` (``aidetect.backbones``)."""
+    if name.startswith(PREFIX):
+        return TimmBinary(name.removeprefix(PREFIX), image_size)
     if name not in MODELS:
         raise UserError(f"model.name {name!r} is unknown; choose one of {', '.join(MODELS)}")
     model = MODELS[name](image_size)
