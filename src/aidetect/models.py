@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from aidetect.backbones import PREFIX, TimmBinary
 from aidetect.errors import UserError
+from aidetect.npr import npr_resnet50, npr_small
 
 
 class SeedCNN1(nn.Module):
@@ -99,6 +100,8 @@ def last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "seed_cnn1": SeedCNN1,
     "seed_cnn2": SeedCNN2,
+    "npr_resnet50": npr_resnet50,
+    "npr_small": npr_small,
     **{
         name: (lambda size, name=name: TorchvisionBinary(name))
         for name in ("resnet18", "resnet50", "efficientnet_b0", "convnext_tiny")
