@@ -162,6 +162,7 @@ def evaluate(
             logits = model(inputs).float()
         predictions.loss_sum += criterion(logits, batch.labels).item()
         predictions.probabilities += torch.sigmoid(logits).tolist()
+        predictions.logits += logits.tolist()
         predictions.labels += batch.labels.long().tolist()
         predictions.keys += batch.keys
         predictions.sources += batch.sources

@@ -45,9 +45,11 @@ PER_SOURCE_COLUMNS = {
 
 @dataclass
 class Predictions:
-    """One rank's share of an evaluation: probabilities of fake, labels, summed loss, sample keys."""
+    """One rank's share of an evaluation: probabilities of fake (and the logits they are the sigmoid of),
+    labels, summed loss, sample keys."""
 
     probabilities: list[float] = field(default_factory=list)
+    logits: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -57,6 +59,7 @@ class Predictions:
         merged = Predictions()
         for part in all_gather_objects(self):
             merged.probabilities += part.probabilities
+            merged.logits += part.logits
             merged.labels += part.labels
             merged.keys += part.keys
             merged.sources += part.sources
