@@ -27,6 +27,12 @@ def test_the_validation_threshold_maximises_balanced_accuracy() -> None:
     assert val_threshold(Predictions([0.2, 0.9], [1, 1])) == 0.5  # one class only: nothing to choose
 
 
+def test_a_perfectly_separated_validation_set_gives_the_midpoint_of_the_gap() -> None:
+    # Every threshold in (0.3, 0.9] separates perfectly: the middle of that range, not its edge (0.9).
+    predictions = Predictions([0.1, 0.3, 0.2, 0.95, 0.9, 0.99], [0, 0, 0, 1, 1, 1])
+    assert val_threshold(predictions) == pytest.approx((0.3 + 0.9) / 2)
+
+
 def test_ties_on_the_best_metric_go_to_the_lower_validation_loss() -> None:
     assert is_better("auroc", 1.0, None, loss=0.3, best_loss=None)
     assert is_better("auroc", 1.0, 1.0, loss=0.1, best_loss=0.3)  # same AUROC, better calibrated: later epoch

@@ -49,10 +49,10 @@ class Predictions:
     labels, summed loss, sample keys."""
 
     probabilities: list[float] = field(default_factory=list)
-    logits: list[float] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    logits: list[float] = field(default_factory=list)
     loss_sum: float = 0.0
 
     def gather(self) -> Predictions:
@@ -138,19 +138,30 @@ def curves(predictions: Predictions) -> dict[str, np.ndarray]:
 
 def val_threshold(predictions: Predictions) -> float:
     """The decision threshold (fake when p >= threshold) that maximises balanced accuracy on these
-    (validation) predictions; ties go to the threshold nearest 0.5. Chosen on validation and applied to
-    test: the test split never picks it. O(n log n): every candidate is scored by binary search."""
+    (validation) predictions, chosen on validation and applied to test: the test split never picks it.
+
+    Every threshold in (u[k-1], u[k]] (u: the sorted distinct scores, with 0 below and 1 above them) makes
+    the same decisions; the best value is reached on one or more runs of such intervals, and the threshold is
+    the middle of the run nearest 0.5, never its edge: a validation fold that separates perfectly gives the
+    midpoint between its highest real and its lowest fake score. O(n log n): every candidate is scored by
+    binary search."""
     probabilities = np.asarray(predictions.probabilities, dtype=np.float64)
     labels = np.asarray(predictions.labels, dtype=np.int64)
     fakes, reals = np.sort(probabilities[labels == 1]), np.sort(probabilities[labels == 0])
     if not len(fakes) or not len(reals):
         return 0.5
-    candidates = np.append(np.unique(probabilities), np.nextafter(probabilities.max(), np.inf))
+    scores = np.unique(probabilities)
+    edges = np.concatenate([[min(0.0, scores[0])], scores, [max(1.0, np.nextafter(scores[-1], np.inf))]])
+    candidates = edges[1:]  # candidate k decides as every threshold in (edges[k], edges[k + 1]]
     fake_accuracy = (len(fakes) - np.searchsorted(fakes, candidates, side="left")) / len(fakes)
     real_accuracy = np.searchsorted(reals, candidates, side="left") / len(reals)
     balanced = (fake_accuracy + real_accuracy) / 2
     best = np.flatnonzero(balanced == balanced.max())
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+    breaks = np.flatnonzero(np.diff(best) > 1)
+    low, high = edges[best[np.append(0, breaks + 1)]], edges[best[np.append(breaks, -1)] + 1]
+    distance = np.maximum(np.maximum(low - 0.5, 0.5 - high), 0.0)  # 0 for the run whose range holds 0.5
+    run = np.argmin(distance)
+    return float((low[run] + high[run]) / 2)
 
 
 def is_better(metric: str, value: float, best: float | None, loss: float, best_loss: float | None) -> bool:
