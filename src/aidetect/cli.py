@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         {
             "synth": ("write a synthetic real/fake ImageFolder for demos and tests", synth_arguments),
-            "pack": ("pack an ImageFolder into WebDataset shards with fixed splits", pack_arguments),
+            "pack": ("pack an image folder or list into WebDataset shards with fixed splits", pack_arguments),
             "audit": ("can file metadata alone tell fake from real? (shortcut check)", audit_arguments),
             "train": ("train a detector (1 process, torchrun or srun)", train_arguments),
             "evaluate": ("metrics and plots of a checkpoint on a split of a pack", evaluate_arguments),
@@ -137,7 +137,11 @@ def synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pack_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="ImageFolder (SRC/real, SRC/fake) or Kaggle layout (SRC/{train,test}/...)")
+    parser.add_argument(
+        "src",
+        help="a folder in ImageFolder (SRC/real, SRC/fake), Kaggle (SRC/{train,test}/...), GenImage "
+        "(SRC/GENERATOR/{train,val}/{ai,nature}) or Synthbuster (SRC/RAISE, SRC/GENERATOR) layout, or a CSV list",
+    )
     parser.add_argument("out", help="output folder for shards and manifest.json")
     add_pack_options(parser)
     add_workers(parser)

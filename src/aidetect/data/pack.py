@@ -11,13 +11,12 @@ byte-identically, any shard damaged since (e.g. by a truncated copy).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,6 @@ from tqdm import tqdm
 
 from aidetect.data.decode import (
     MAX_PIXELS,
-    SYSTEM_FILES,
     DecodedImage,
     UnreadableImage,
     bomb_guard,
@@ -37,6 +35,7 @@ from aidetect.data.decode import (
 )
 from aidetect.data.degrade import apply_parity, parity_quality
 from aidetect.data.integrity import file_problem, manifest_problems, sha256_file
+from aidetect.data.layouts import AUTO, LAYOUTS, Scan, SourceFile, add_date, read_source_dates, scan_source
 from aidetect.data.packformat import AUDIT_FILES, CLASSES, FORMAT, MANIFEST
 from aidetect.data.shardfile import write_members
 from aidetect.data.splits import assign_splits, hash_order_key, split_names
@@ -90,6 +89,17 @@ class PackSettings:
             "and quality cannot carry the label"
         ),
     )
+    layout: str = field(
+        default=AUTO,
+        metadata=flag(
+            "how SRC is laid out (a .csv file: a list path,label[,source][,split][,date]); auto: found out",
+            choices=(AUTO, *LAYOUTS),
+        ),
+    )
+    source_dates: str | None = field(
+        default=None,
+        metadata=flag("the sources' release dates, YYYY-MM-DD or YYYY-MM: a YAML source: date, or a CSV source,date"),
+    )
 
     def validate(self) -> None:
         parity_quality(self.parity)
@@ -102,24 +112,11 @@ class PackSettings:
             (self.folds >= 1, "--folds must be at least 1"),
             (self.shard_size >= 1, "--shard-size must be at least 1"),
             (self.on_truncated in self.ON_TRUNCATED, f"--on-truncated must be {' or '.join(self.ON_TRUNCATED)}"),
+            (self.layout in (AUTO, *LAYOUTS), f"--layout must be one of {', '.join((AUTO, *LAYOUTS))}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    path: str  # absolute
-    relpath: str  # relative to SRC, posix separators: the identity of a sample everywhere
-    class_name: str
-    source_test: bool  # lies in the source's own test folder (Kaggle layout)
-    source: str  # first sub-folder under the class folder (e.g. a generator); the class name for files directly in it
-
-    @property
-    def key(self) -> str:
-        # WebDataset splits names at the first dot, so keys are hex digests of the path.
-        return hashlib.sha1(self.relpath.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 @dataclass
@@ -131,56 +128,6 @@ class ShardPlan:
 
 # ----------------------------------------------------------------------------------------------------
 # Source scanning and planning
-
-
-def scan_source(src: Path) -> tuple[list[SourceFile], list[dict], str]:
-    """Every file under ``src``: image candidates by class, and the files skipped before decoding."""
-    if not src.is_dir():
-        raise UserError(f"{src}: source folder not found; pass a folder holding real/ and fake/ subfolders")
-    class_roots, layout = find_class_roots(src)
-    candidates, skipped = [], []
-    for relpath in sorted(walk_files(src)):
-        parts = relpath.split("/")
-        root = next((r for r in class_roots if parts[: len(r[0])] == r[0]), None)
-        if parts[-1].lower() in SYSTEM_FILES or parts[-1].startswith("._"):
-            skipped.append({"path": relpath, "reason": "system file, not an image"})
-        elif root is None:
-            skipped.append({"path": relpath, "reason": "not inside a class folder (real/ or fake/)"})
-        else:
-            root_parts, class_name, source_test = root
-            below = parts[len(root_parts) :]
-            source = below[0] if len(below) > 1 else class_name
-            candidates.append(SourceFile(str(src / relpath), relpath, class_name, source_test, source))
-    if not candidates and not skipped:
-        raise UserError(f"{src}: source folder holds no files; put images under {src}/real and {src}/fake")
-    return candidates, skipped, layout
-
-
-def find_class_roots(src: Path) -> tuple[list[tuple[list[str], str, bool]], str]:
-    """Class folders as (path parts, class name, is source test split); ImageFolder or Kaggle layout."""
-    if (src / "train").is_dir() and any((src / "train" / c).is_dir() for c in CLASSES):
-        roots = [([split, c], c, split == "test") for split in ("train", "test") for c in CLASSES]
-        present = [r for r in roots if (src.joinpath(*r[0])).is_dir()]
-        layout = "kaggle"
-    else:
-        present = [([c], c, False) for c in CLASSES if (src / c).is_dir()]
-        layout = "imagefolder"
-    found = {r[1] for r in present}
-    if found != set(CLASSES):
-        seen = sorted(p.name for p in src.iterdir() if p.is_dir())
-        raise UserError(
-            f"{src}: needs both real/ and fake/ class folders (or train/ and test/ holding them); "
-            f"found folders: {', '.join(seen) or 'none'}"
-        )
-    return present, layout
-
-
-def walk_files(src: Path) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
-        rel_dir = Path(dirpath).relative_to(src)
-        for name in filenames:
-            yield (rel_dir / name).as_posix()
 
 
 def plan_shards(candidates: list[SourceFile], settings: PackSettings) -> list[ShardPlan]:
@@ -281,8 +228,12 @@ def pack(
     settings.validate()
     src, out = Path(src).resolve(), Path(out).resolve()
     workers = workers_within(workers or os.cpu_count() or 1, settings.max_pixels, job_memory())
-    candidates, pre_skipped, layout = scan_source(src)
-    check_out_dir(src, out, settings)
+    scan = scan_source(src, settings.layout)
+    if settings.layout == AUTO:
+        print(f"[aidetect] pack: {src} is a {scan.layout} layout", flush=True)
+    candidates, pre_skipped = scan.candidates, scan.skipped
+    dates = known_dates(scan, settings.source_dates)
+    check_out_dir(scan.root, out, settings)
     plans = plan_shards(candidates, settings)
     for stale in out.glob("*.tar.tmp"):  # what a run killed mid-write leaves
         stale.unlink()
@@ -298,11 +249,21 @@ def pack(
         state.mkdir(parents=True, exist_ok=True)
         todo = [p for p in plans if not shard_is_complete(out, p, settings)]
         pack_shards(todo, settings, workers, progress, partial(write_shard, out, settings=settings))
-        manifest = build_manifest(src, out, plans, pre_skipped, layout, settings)
+        manifest = build_manifest(src, out, plans, pre_skipped, scan.layout, settings) | {"source_dates": dates}
         atomic_write_json(out / MANIFEST, manifest)
         shutil.rmtree(state)
     run |= {"processed": sum(len(p.files) for p in todo), "seconds": time.perf_counter() - started, "workers": workers}
     return manifest | {"run": run}
+
+
+def known_dates(scan: Scan, dates_file: str | None) -> dict[str, str]:
+    """The release date of each source of the pack that has one: a list's date column and ``dates_file``
+    (``--source-dates``) together; ``UserError`` when they disagree."""
+    dates = dict(scan.dates)
+    for source, date in (read_source_dates(dates_file) if dates_file else {}).items():
+        add_date(dates, source, date, f"{dates_file}: {source}")
+    sources = {f.source for f in scan.candidates}
+    return {source: date for source, date in sorted(dates.items()) if source in sources}
 
 
 def affordable_workers(workers: int, max_pixels: int, memory: int) -> int:
