@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "train": ("train a detector (1 process, torchrun or srun)", train_arguments),
             "evaluate": ("metrics and plots of a checkpoint on a split of a pack", evaluate_arguments),
             "predict": ("probability that raw images are AI-generated, as CSV", predict_arguments),
+            "export": ("a checkpoint's model as ONNX or TorchScript, uint8 images in, logits out", export_arguments),
             "demo": ("synthetic data -> pack -> train -> test metrics, minutes on a CPU", demo_arguments),
             "submit": ("submit training or cross-validation jobs with submitit", submit_arguments),
             "cv-report": (
@@ -184,6 +185,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from aidetect.inference import evaluate
+    from aidetect.scores import FORMATS
 
     default = defaults_of(evaluate)
     parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
@@ -201,6 +203,12 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "(px), downscale:F,.. (factor < 1), e.g. jpeg:95,75,50,30 blur:1,2,3 downscale:0.5,0.25; after the "
         "clean evaluation, one per strength -> robustness.json, robustness.png",
     )
+    parser.add_argument(
+        "--scores-format",
+        choices=FORMATS,
+        default=default["scores_format"],
+        help="file of the per-image scores, scores_SPLIT.FORMAT",
+    )
     parser.set_defaults(handler=run_evaluate)
 
 
@@ -214,6 +222,15 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="degrade each file before preprocessing: one of jpeg:Q, blur:SIGMA, downscale:F (e.g. jpeg:50)",
     )
     parser.set_defaults(handler=run_predict)
+
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.export import SUFFIXES
+
+    parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
+    parser.add_argument("--format", required=True, choices=list(SUFFIXES), help="file format")
+    parser.add_argument("--out", default=None, help="file to write (default: the checkpoint's path, its suffix)")
+    parser.set_defaults(handler=run_export)
 
 
 def demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -451,7 +468,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     perturbations = parse_perturbations(args.perturb or [])  # a bad value fails before any checkpoint is read
     metrics, report = evaluate(
-        args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size, perturbations=perturbations
+        args.checkpoint,
+        args.data,
+        args.split,
+        args.out,
+        batch_size=args.batch_size,
+        perturbations=perturbations,
+        scores_format=args.scores_format,
     )
     print(json.dumps(metrics, indent=1))
     if report:
@@ -468,6 +491,15 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--perturb {args.perturb}: predict takes one perturbation, e.g. jpeg:50")
     counts = predict(args.checkpoint, args.paths, args.csv, perturb=perturbations[0])
     print(f"wrote {counts['files']} rows to {args.csv} ({counts['errors']} unreadable, see its error column)")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from aidetect.export import export, sidecar_path
+
+    path = export(args.checkpoint, args.format, args.out)
+    difference = json.loads(sidecar_path(path).read_text())["check_max_abs_diff"]
+    print(f"wrote {path} and {sidecar_path(path)} (largest logit difference from PyTorch: {difference:.2g})")
     return 0
 
 

@@ -43,6 +43,7 @@ from aidetect.metrics import Predictions, compute_metrics
 from aidetect.models import build_model
 from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
+from aidetect.scores import save_scores
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, device: torch.device) -> nn.Module:
@@ -61,11 +62,13 @@ def evaluate(
     batch_size: int = 64,
     workers: int = 2,
     perturbations: Sequence[Perturbation] = (),
+    scores_format: str = "parquet",
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Metrics of a checkpoint on one split, as one process or under torchrun; returns (the clean metrics,
     the robustness report or None without ``perturbations``) on every rank.
 
-    Rank 0 writes OUT/eval_SPLIT.json and its plots (the clean evaluation), and with ``perturbations``
+    Rank 0 writes OUT/eval_SPLIT.json, its plots and the per-image scores OUT/scores_SPLIT.parquet (or .csv:
+    ``scores_format``; ``aidetect.scores``) of the clean evaluation, and with ``perturbations``
     OUT/robustness.json (``robustness_report``) and robustness.png, and logs them to wandb. The clean
     evaluation runs first, then one per perturbation (one given twice runs once), each through a loader
     of the same settings. Nothing is written until every evaluation is done: a stop signal leaves no
@@ -86,6 +89,8 @@ def evaluate(
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / f"eval_{split}.json", metrics)
             plots.report_plots(predictions, metrics, folder, f"eval_{split}")
+            chosen = evaluated_selection(checkpoint, data, split).splits
+            save_scores(folder, predictions, checkpoint_path, checkpoint, data, chosen, split, scores_format)
             if report:
                 write_robustness(report, folder, checkpoint.config, Path(checkpoint_path).parent.name)
         return metrics, report
@@ -117,8 +122,7 @@ def split_evaluator(
     split of a leave-one-source-out run is the one it was trained for: real test samples and every
     sample of the held-out source."""
     model = model_from_checkpoint(checkpoint, device)
-    holdout = checkpoint.config.data.holdout_source
-    chosen = run_splits(read_manifest(data), None, holdout)["test"] if split == "test" else Selection([split])
+    chosen = evaluated_selection(checkpoint, data, split)
     precision = resolve_precision(checkpoint.config.train.precision, device)
 
     def evaluate_with(degrade: Perturbation | None) -> Predictions:
@@ -137,6 +141,12 @@ def split_evaluator(
             return evaluate_split(model, loader, device, precision, False, stop_check(stop, loader, device)).gather()
 
     return evaluate_with
+
+
+def evaluated_selection(checkpoint: Checkpoint, data: str, split: str) -> Selection:
+    """What evaluating ``checkpoint`` on ``split`` of pack ``data`` reads."""
+    holdout = checkpoint.config.data.holdout_source
+    return run_splits(read_manifest(data), None, holdout)["test"] if split == "test" else Selection([split])
 
 
 def image_files(paths: list[str]) -> Iterator[Path]:

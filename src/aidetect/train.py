@@ -45,6 +45,7 @@ from aidetect.fileio import atomic_write_json
 from aidetect.hardware import DETERMINISTIC_CUBLAS, memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
 from aidetect.preemption import Stopped, StopRequest
+from aidetect.scores import save_scores
 from aidetect.tracking import Tracker
 
 
@@ -290,7 +291,8 @@ class Trainer:
         self.save("last.pt")
 
     def test(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint (never the last epoch's weights) on the test split."""
+        """Evaluate the best checkpoint (never the last epoch's weights) on the test split: test_metrics.json,
+        its plots and the per-image scores, scores_test.parquet (``aidetect.scores``)."""
         barrier()
         best = load_checkpoint(self.out / "best.pt")
         unwrap(self.model).load_state_dict(best.model)
@@ -307,6 +309,8 @@ class Trainer:
         }
         if self.info.is_main:
             atomic_write_json(self.out / "test_metrics.json", metrics)
+            test_splits = self.splits["test"].splits
+            save_scores(self.out, predictions, self.out / "best.pt", best, self.shards, test_splits, "test")
             paths = plots.report_plots(predictions, metrics, self.out, "test")
             self.tracker.log_evaluation("test", metrics, self.state.step, misclassified(self.shards, predictions))
             self.tracker.log_plots("test", paths, self.state.step)

@@ -209,17 +209,22 @@ def tar_samples(path: str, data: bytes | None = None) -> Iterator[dict[str, Any]
 
 
 def shard_records(path: str) -> list[dict[str, Any]]:
-    """The ``.json`` records of one shard's samples, in file order, read without the image bytes: only
-    member headers and records are read, so a pack of any size is described in about a second.
+    """The ``.json`` records of one shard's samples, in file order (``keyed_records``)."""
+    return list(keyed_records(path).values())
+
+
+def keyed_records(path: str) -> dict[str, dict[str, Any]]:
+    """Sample key -> ``.json`` record of one shard's samples, in file order, read without the image bytes:
+    only member headers and records are read, so a pack of any size is described in about a second.
     ``DamagedShard`` naming the shard when it is not one of ours, whole (``walk_members``)."""
     with open(path, "rb") as f:
         fd = f.fileno()
         members = walk_members(path, os.fstat(fd).st_size, lambda offset: os.pread(fd, BLOCK, offset))
-        return [
-            json_member(path, os.pread(fd, size, start), start - BLOCK)
-            for _, ext, start, size in members
+        return {
+            key: json_member(path, os.pread(fd, size, start), start - BLOCK)
+            for key, ext, start, size in members
             if ext == "json"
-        ]
+        }
 
 
 def tar_problem(path: Path) -> ShardProblem | None:
