@@ -55,19 +55,21 @@ def test_genimage_generators_are_sources_and_val_is_the_test_split(tmp_path: Pat
         assert record["class"] == {"ai": "fake", "nature": "real"}[kind]
         assert record["source"] == (generator if kind == "ai" else "nature")
         assert (record["split"] == "test") == (split == "val")
-    assert sorted(manifest["sources"]["fake"]) == ["biggan", "sdv14"] and list(manifest["sources"]["real"]) == ["nature"]
+    assert sorted(manifest["sources"]["fake"]) == ["biggan", "sdv14"]
+    assert list(manifest["sources"]["real"]) == ["nature"]
 
 
 @pytest.mark.parametrize("real", ["RAISE", "real"])
 def test_synthbuster_folders_beside_the_real_one_are_generators(tmp_path: Path, real: str) -> None:
     files = [f"{real}/{i}.png" for i in range(6)] + ["dalle2/a.png", "dalle2/b.png", "midjourney/v5/c.png"]
-    write_images(tmp_path / "sb", files + ["notes.png"])
+    write_images(tmp_path / "sb", [*files, "notes.png"])
     manifest, records = packed(tmp_path / "sb", tmp_path / "out")
     assert manifest["source"]["layout"] == "synthbuster" and set(records) == set(files)
     assert {p: (r["class"], r["source"]) for p, r in records.items()} == {
         p: ("real", real) if p.startswith(real) else ("fake", p.split("/")[0]) for p in files
     }
-    assert manifest["skipped"] == [{"path": "notes.png", "reason": "not inside a class folder (a real or generator folder)"}]
+    reason = "not inside a class folder (a real or generator folder)"
+    assert manifest["skipped"] == [{"path": "notes.png", "reason": reason}]
 
 
 def test_a_csv_list_packs_relative_and_absolute_paths_with_labels_splits_and_dates(tmp_path: Path) -> None:
@@ -152,10 +154,11 @@ def test_auto_detection_names_each_layout(tmp_path: Path, files: list[str], layo
 
 def test_ambiguous_trees_and_a_wrong_layout_are_refused(tmp_path: Path) -> None:
     write_images(tmp_path / "src", ["RAISE/a.png", "sd/train/ai/b.png"])
-    with pytest.raises(UserError, match="matches several layouts \\(genimage, synthbuster\\); choose one with --layout"):
+    with pytest.raises(UserError, match=r"matches several layouts \(genimage, synthbuster\); choose one with --layout"):
         detect_layout(tmp_path / "src")
     with pytest.raises(UserError, match="is no imagefolder layout \\(SRC/real/ and SRC/fake/\\)"):
         pack(tmp_path / "src", tmp_path / "out", PackSettings(layout="imagefolder"), workers=1, progress=False)
-    manifest, records = packed(tmp_path / "src", tmp_path / "out", PackSettings(mode="crop", size=32, layout="genimage"))
+    settings = PackSettings(mode="crop", size=32, layout="genimage")
+    manifest, records = packed(tmp_path / "src", tmp_path / "out", settings)
     assert manifest["source"]["layout"] == "genimage" and list(records) == ["sd/train/ai/b.png"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["layout"] == "genimage"

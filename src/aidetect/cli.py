@@ -279,17 +279,21 @@ def submit_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def submit_cv_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.cluster.submit import submit_chrono
     from aidetect.config import add_config_options
     from aidetect.data.pack import PackSettings
 
     add_job_options(parser)
     parser.add_argument(
         "--by",
-        choices=("fold", "source"),
+        choices=("fold", "source", "time"),
         default="fold",
         help="fold: one job per fold; source: leave-one-source-out, one job per fake source of the pack, "
-        "trained without it and tested on it (RUN/holdout-SOURCE)",
+        "trained without it and tested on it (RUN/holdout-SOURCE); time: the pack's generators by release date "
+        "in windows of --window, job i trained on windows 0..i and tested on window i+1 (RUN/time-i)",
     )
+    window = defaults_of(submit_chrono)["window"]
+    parser.add_argument("--window", type=int, help=f"generators per window, --by time only (default {window})")
     parser.add_argument(
         "--folds", type=int, help=f"folds to run, --by fold only (default {PackSettings.folds}; the pack's at most)"
     )
@@ -512,7 +516,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     from aidetect.cluster.profiles import load_profile
-    from aidetect.cluster.submit import submit_cv, submit_holdout, submit_train, wait
+    from aidetect.cluster.submit import submit_chrono, submit_cv, submit_holdout, submit_train, wait
     from aidetect.config import config_from_args
     from aidetect.data.pack import PackSettings
 
@@ -528,10 +532,17 @@ def run_submit(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.job == "train":
         jobs = submit_train(config, profile, args.nodes, tasks)
+    elif args.window is not None and args.by != "time":
+        raise UserError("--window applies to --by time")
     elif args.by == "source":
         if args.folds is not None:
             raise UserError("--folds applies to --by fold; --by source runs one job per fake source of the pack")
         jobs = submit_holdout(config, profile, args.nodes, tasks)
+    elif args.by == "time":
+        if args.folds is not None:
+            raise UserError("--folds applies to --by fold; --by time runs one job per window of generators")
+        window = {} if args.window is None else {"window": args.window}
+        jobs = submit_chrono(config, profile, args.nodes, tasks, **window)
     else:
         jobs = submit_cv(config, profile, PackSettings.folds if args.folds is None else args.folds, args.nodes, tasks)
     if not args.wait:
@@ -548,7 +559,8 @@ def run_cv_report(args: argparse.Namespace) -> int:
     from aidetect.cluster.report import cv_report
 
     summary = cv_report(Path(args.run))
-    shown = ("n_sources", "missing", "holdout") if "holdout" in summary else ("n_folds", "missing", "mean", "std")
+    keys = ("n_folds", "n_sources", "n_tasks", "missing", "holdout", "time", "mean", "std")
+    shown = [k for k in keys if k in summary]
     print(json.dumps({k: summary[k] for k in shown}, indent=1))
     return 0
 

@@ -47,6 +47,10 @@ class DataConfig:
             "and every sample of this source (from all splits: none of it was trained on)"
         ),
     )
+    # A choice of fake sources (None: all), e.g. a chronological window (submit cv --by time): the fakes train
+    # and validation read, and those the test reads (from every split for a source never trained on).
+    train_sources: list[str] | None = None
+    test_sources: list[str] | None = None
     # Node-local staging (aidetect.data.stage): none (read the pack where it is), auto ($SLURM_TMPDIR, else
     # $AIDETECT_LOCAL_SCRATCH, which submit exports from the profile's local_scratch) or an absolute folder;
     # $VARS are expanded on each node when the run starts.

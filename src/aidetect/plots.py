@@ -81,10 +81,15 @@ HOLDOUT_TITLES = {
 }
 
 
-def holdout_matrix(matrix: dict, path: Path) -> Path:
+def holdout_matrix(
+    matrix: dict,
+    path: Path,
+    title: str = "Leave-one-source-out: trained without the source",
+    ylabel: str = "held-out fake source (test n real+fake)",
+) -> Path:
     """Heat map of a leave-one-source-out matrix (``cluster.report.holdout_matrix``): a row per held-out fake
-    source, then its mean and minimum rows; a column per metric; every cell written out, coloured from
-    red (0) to green (1)."""
+    source (or per chronological task, with its ``title`` and ``ylabel``), then its mean and minimum rows; a
+    column per metric; every cell written out, coloured from red (0) to green (1)."""
     columns, sources = matrix["columns"], matrix["sources"]
     labels = [f"{name} (n={row['real']}+{row['fake']})" for name, row in sources.items()] + ["mean", "minimum"]
     values = np.array([[row[key] for key in columns] for row in [*sources.values(), matrix["mean"], matrix["min"]]])
@@ -95,7 +100,7 @@ def holdout_matrix(matrix: dict, path: Path) -> Path:
     axis.axhline(len(sources) - 0.5, color="black", linewidth=2)  # sources above, their summary below
     axis.set_xticks(range(len(columns)), [HOLDOUT_TITLES.get(key, key) for key in columns])
     axis.set_yticks(range(len(labels)), labels)
-    axis.set(ylabel="held-out fake source (test n real+fake)", title="Leave-one-source-out: trained without the source")
+    axis.set(ylabel=ylabel, title=title)
     return save(figure, path)
 
 

@@ -29,7 +29,7 @@ from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state
 from aidetect.config import Config, DataConfig, ModelConfig, OptimConfig, check_choice, save_config, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.loader import ShardLoader, build_loader
-from aidetect.data.manifest import Selection, check_holdout, read_manifest, run_splits
+from aidetect.data.manifest import Selection, check_holdout, check_sources, read_manifest, run_splits
 from aidetect.data.stage import stage_pack
 from aidetect.distributed import (
     DistInfo,
@@ -83,7 +83,8 @@ class Trainer:
         check_inputs(config, shards, info.device)
         self.precision = resolve_precision(config.train.precision, info.device)
         seed_everything(config.train.seed + info.rank, config.train.deterministic, info.device)
-        self.splits = run_splits(self.manifest, config.data.fold, config.data.holdout_source)
+        data = config.data
+        self.splits = run_splits(self.manifest, data.fold, data.holdout_source, data.train_sources, data.test_sources)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
         self.model = build_trained_model(
             config.model, config.data.crop or self.manifest["settings"]["size"], info.device
@@ -375,9 +376,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def check_inputs(config: Config, shards: str, device: torch.device) -> None:
-    """``UserError`` for a held-out source that pack ``shards`` lacks, or GPU decoding without a CUDA device."""
+    """``UserError`` for a held-out, train or test source that pack ``shards`` lacks, or GPU decoding without a
+    CUDA device."""
     if config.data.holdout_source:
         check_holdout(shards, config.data.holdout_source)
+    for what in ("train_sources", "test_sources"):
+        if getattr(config.data, what):
+            check_sources(shards, getattr(config.data, what), f"data.{what}")
     if config.data.decode == "gpu" and device.type != "cuda":
         raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {device}: set cpu")
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 
 from aidetect import plots
-from aidetect.cluster.submit import JOBS_FILE, load_jobs
+from aidetect.cluster.submit import JOBS_FILE, load_jobs, time_folder
 from aidetect.config import load_config
-from aidetect.data.manifest import fake_sources
+from aidetect.data.manifest import chrono_windows, fake_sources, read_manifest, source_dates
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.metrics import METRIC_KEYS
@@ -25,15 +25,18 @@ from aidetect.tracking import Tracker
 
 THRESHOLD_KEYS = ("val_threshold", "accuracy_at_val_threshold", "balanced_accuracy_at_val_threshold")
 HOLDOUT_COLUMNS = ("accuracy", "ap", "auroc", "real_accuracy", "fake_accuracy")
+RUN_FOLDERS = {"source": "holdout-*/config.yaml", "time": "time-*/config.yaml"}  # a run's tasks, by cv kind
 
 
 def cv_report(run: Path) -> dict[str, Any]:
     """``RUN/cv_summary.json``: ``folds`` (each fold's test metrics), ``mean`` and ``std`` of every key of
     ``METRIC_KEYS`` and of the validation-threshold keys that every fold has, and ``per_source`` (see
     ``per_source_summary``) when a fold has a per-source table; plots ``cv_summary.png`` and
-    ``cv_per_source.png``, and logs all of it to wandb. A leave-one-source-out run: ``holdout_report``."""
-    if by_source(run):
-        return holdout_report(run)
+    ``cv_per_source.png``, and logs all of it to wandb. A leave-one-source-out run: ``holdout_report``; a
+    chronological one: ``time_report``."""
+    kind = cv_kind(run)
+    if kind != "fold":
+        return holdout_report(run) if kind == "source" else time_report(run)
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob("fold*/test_metrics.json"))}
     if not results:
         raise UserError(f"{run}: no fold*/test_metrics.json yet; are the folds finished? (aidetect status {run})")
@@ -53,12 +56,13 @@ def cv_report(run: Path) -> dict[str, Any]:
     return summary
 
 
-def by_source(run: Path) -> bool:
-    """Whether ``run`` is a leave-one-source-out run: its jobs.json says so, or (sbatch runs have none)
-    it has ``holdout-*`` run folders."""
+def cv_kind(run: Path) -> str:
+    """What ``run`` is: ``fold`` (cross-validation), ``source`` (leave-one-source-out) or ``time`` (the
+    chronological protocol), as its jobs.json says, or (sbatch runs have none) its run folders show."""
     if (run / JOBS_FILE).exists():
-        return load_jobs(run).get("by") == "source"
-    return any(run.glob("holdout-*/config.yaml"))
+        return load_jobs(run).get("by", "fold")
+    found = [kind for kind, pattern in RUN_FOLDERS.items() if any(run.glob(pattern))]
+    return found[0] if found else "fold"
 
 
 def holdout_report(run: Path) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def holdout_report(run: Path) -> dict[str, Any]:
     }
     if not folders:
         raise UserError(f"{run}: no holdout-*/test_metrics.json yet; are the runs finished? (aidetect status {run})")
-    matrix = holdout_matrix(folders)
+    matrix = holdout_matrix(dict(sorted(folders.items())))
     missing = [source for source in expected_sources(run, folders[min(folders)]) if source not in folders]
     summary = {"by": "source", "n_sources": len(folders), "missing": missing, "holdout": matrix}
     atomic_write_json(run / "cv_summary.json", summary)
@@ -97,9 +101,10 @@ def holdout_report(run: Path) -> dict[str, Any]:
 
 
 def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
-    """The ``holdout`` matrix of ``holdout_report`` from each held-out source's run folder."""
+    """The ``holdout`` matrix of ``holdout_report`` from each held-out source's run folder (rows in the order
+    of ``folders``; ``time_report``'s from each task's)."""
     rows = {}
-    for source in sorted(folders):
+    for source in folders:
         metrics = json.loads((folders[source] / "test_metrics.json").read_text())
         rows[source] = {key: metrics[key] for key in (*HOLDOUT_COLUMNS, "real", "fake")}
         rows[source]["folder"] = folders[source].name
@@ -111,6 +116,50 @@ def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
         "min": {key: float(v.min()) for key, v in values.items()},
         "argmin": {key: list(rows)[int(np.argmin(v))] for key, v in values.items()},
     }
+
+
+def time_report(run: Path) -> dict[str, Any]:
+    """``RUN/cv_summary.json`` of a chronological run (``submit cv --by time``)::
+
+        {"by": "time", "n_tasks": finished tasks, "missing": expected task folders without test metrics,
+         "time": {"window": generators per window, "windows": [[source, ...], ...] oldest first,
+                  "dates": {source: release date}, "columns": HOLDOUT_COLUMNS,
+                  "sources": {"w0..wI->wJ": {column: ..., "real": n, "fake": n, "folder": "time-I"}},
+                  "mean": {column: ...}, "min": {column: ...}, "argmin": {column: row}}}
+
+    Row ``w0..wI->wJ`` (J = I+1) holds the test metrics of task I, trained on the generators of windows
+    0..I and tested on the real test samples and every sample of window J's generators. Plots
+    ``cv_time.png`` (a heat map as ``cv_holdout.png``) and logs all of it to wandb."""
+    found = sorted((p.parent for p in run.glob("time-*/test_metrics.json")), key=task_index)
+    if not found:
+        raise UserError(f"{run}: no time-*/test_metrics.json yet; are the runs finished? (aidetect status {run})")
+    data = load_config(str(found[0] / "config.yaml")).data
+    jobs = load_jobs(run) if (run / JOBS_FILE).exists() else {}
+    windows = jobs.get("windows") or chrono_windows(data.shards, len(data.train_sources) // (task_index(found[0]) + 1))
+    folders = {time_row(task_index(folder)): folder for folder in found}
+    dates = source_dates(read_manifest(data.shards))
+    matrix = {"window": len(windows[0]), "windows": windows, "dates": dates} | holdout_matrix(folders)
+    tasks = [time_folder(i) for i in range(len(windows) - 1)]
+    missing = [folder for folder in tasks if not (run / folder / "test_metrics.json").exists()]
+    summary = {"by": "time", "n_tasks": len(found), "missing": missing, "time": matrix}
+    atomic_write_json(run / "cv_summary.json", summary)
+    title = f"Chronological: trained on windows 0..I of {len(windows[0])} generators, tested on window I+1"
+    paths = {"time": plots.holdout_matrix(matrix, run / "cv_time.png", title, "train->test window (n real+fake)")}
+    columns = matrix["columns"]
+    table = (["task", *columns], [[name, *(row[k] for k in columns)] for name, row in matrix["sources"].items()])
+    configs = [folder / "config.yaml" for folder in folders.values()]
+    log_to_wandb(run, configs, holdout_wandb_values(matrix, "cv/time"), paths, table)
+    return summary
+
+
+def time_row(task: int) -> str:
+    """The matrix row of chronological task ``task``: trained on windows 0..task, tested on window task+1."""
+    return f"w0..w{task}->w{task + 1}"
+
+
+def task_index(folder: Path) -> int:
+    """The task of a chronological run's folder ``time-I``: I (it trained on I+1 full windows)."""
+    return int(folder.name.rpartition("-")[2])
 
 
 def expected_sources(run: Path, folder: Path) -> list[str]:
@@ -173,11 +222,11 @@ def wandb_values(summary: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-def holdout_wandb_values(matrix: dict[str, Any]) -> dict[str, float]:
+def holdout_wandb_values(matrix: dict[str, Any], prefix: str = "cv/holdout") -> dict[str, float]:
     """What ``holdout_report`` puts in the wandb summary: ``cv/holdout/SOURCE/KEY`` and
-    ``cv/holdout/{mean,min}/KEY`` for every column KEY."""
+    ``cv/holdout/{mean,min}/KEY`` for every column KEY (``time_report``: under ``cv/time``, a row per task)."""
     rows = matrix["sources"] | {"mean": matrix["mean"], "min": matrix["min"]}
-    return {f"cv/holdout/{name}/{key}": row[key] for name, row in rows.items() for key in matrix["columns"]}
+    return {f"{prefix}/{name}/{key}": row[key] for name, row in rows.items() for key in matrix["columns"]}
 
 
 def log_to_wandb(
@@ -252,20 +301,22 @@ def run_folders(run: Path, jobs: dict[str, Any]) -> list[Path]:
         return [run]
     if jobs.get("by") == "source":
         return [run / folder for folder in jobs["sources"].values()]
+    if jobs.get("by") == "time":
+        return [run / time_folder(i) for i in range(len(jobs["windows"]) - 1)]
     return [run / f"fold{k}" for k in range(jobs["folds"])]
 
 
 def headline(summary: dict[str, Any]) -> str:
     """One line of a ``cv_report`` summary: accuracy and AUROC, mean ± std over folds, or for a
-    leave-one-source-out run mean and minimum (and which source) over held-out sources."""
-    if "holdout" not in summary:
+    leave-one-source-out (or chronological) run mean and minimum (and which source or task) over its rows."""
+    if "holdout" not in summary and "time" not in summary:
         mean, std = summary["mean"], summary["std"]
         return (
             f"accuracy {mean['accuracy']:.4f} ± {std['accuracy']:.4f}, auroc {mean['auroc']:.4f} ± {std['auroc']:.4f}"
         )
-    matrix = summary["holdout"]
+    matrix, what = (summary["holdout"], "held-out") if "holdout" in summary else (summary["time"], "next-window")
     return ", ".join(
-        f"held-out {key} mean {matrix['mean'][key]:.4f}, min {matrix['min'][key]:.4f} ({matrix['argmin'][key]})"
+        f"{what} {key} mean {matrix['mean'][key]:.4f}, min {matrix['min'][key]:.4f} ({matrix['argmin'][key]})"
         for key in ("fake_accuracy", "auroc")
     )
 

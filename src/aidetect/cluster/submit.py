@@ -5,7 +5,8 @@ A job runs ``aidetect.train.train`` unchanged, with the distributed environment 
 signals the tasks (``--signal=USR2@signal_delay_s``); training stops at a step all ranks agree on,
 saves ``last.pt`` with its position, and rank 0 requeues the job (up to ``max_requeues`` times),
 which resumes from there. Cross-validation submits the folds as one job array that runs in parallel;
-leave-one-source-out (``--by source``) submits one task per fake source of the pack the same way.
+leave-one-source-out (``--by source``) submits one task per fake source of the pack the same way, and
+the chronological protocol (``--by time``) one task per window of generators by release date.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from aidetect.allocator import keep_freed_memory
 from aidetect.cluster.profiles import Profile, node_memory_gb, place, require_account, setup_lines
 from aidetect.cluster.requeue import earlier_attempts, refused, request_requeue, requeue_allowed
 from aidetect.config import Config, DataConfig, build, to_dict, validate
-from aidetect.data.manifest import fake_sources
+from aidetect.data.manifest import chrono_windows, fake_sources
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import set_cuda_environment
@@ -161,6 +162,35 @@ def submit_holdout(config: Config, profile: Profile, nodes: int, tasks_per_node:
     folders = {source: holdout_folder(source) for source in holdout_sources(config.data.shards)}
     members = [(folder, folder, replace(config.data, holdout_source=source)) for source, folder in folders.items()]
     return submit_array(config, profile, members, nodes, tasks_per_node, by="source", sources=folders)
+
+
+def submit_chrono(
+    config: Config, profile: Profile, nodes: int, tasks_per_node: int, window: int = 1
+) -> list[submitit.Job]:
+    """The chronological protocol: the pack's fake sources by release date in windows of ``window``
+    (``chrono_windows``), and one job array with one task per window but the last: task i trains on the
+    generators of windows 0..i (``data.train_sources``, validation fold as configured) and tests on those
+    of window i+1 (``data.test_sources``) in ``RUN/time_folder(i)``, job_type the folder's name. jobs.json
+    records ``by: time``, ``window`` and ``windows``. ``UserError`` when a fake source has no date, there
+    are fewer than 2 windows, or the config already chooses sources."""
+    config = prepare(config, profile)
+    data = config.data
+    if data.holdout_source or data.train_sources is not None or data.test_sources is not None:
+        raise UserError("--by time chooses each task's sources: unset data.holdout_source/train_sources/test_sources")
+    windows = chrono_windows(data.shards, window)
+    members = [(time_folder(i), time_folder(i), chrono_data(data, windows, i)) for i in range(len(windows) - 1)]
+    return submit_array(config, profile, members, nodes, tasks_per_node, by="time", window=window, windows=windows)
+
+
+def chrono_data(data: DataConfig, windows: list[list[str]], task: int) -> DataConfig:
+    """``data`` for chronological task ``task``: train on windows 0..task, test on window task+1."""
+    trained = [source for chosen in windows[: task + 1] for source in chosen]
+    return replace(data, train_sources=trained, test_sources=list(windows[task + 1]))
+
+
+def time_folder(task: int) -> str:
+    """The sub-folder of chronological task ``task``: trained on windows 0..task, tested on window task+1."""
+    return f"time-{task}"
 
 
 def submit_array(

@@ -1,5 +1,5 @@
-"""A pack as its manifest describes it: the manifest, what a run reads of it (splits, folds, a held-out
-source), the samples' records, and every shard checked against it.
+"""A pack as its manifest describes it: the manifest, what a run reads of it (splits, folds, a choice of
+fake sources: held out, or by release date), the samples' records, and every shard checked against it.
 
 Pack writes ``manifest.json`` last: every shard's split, sample count, size and sha256, every sample's
 source per class and split, and the settings. Everything that chooses which shards and samples a
@@ -52,20 +52,36 @@ def fake_sources(shard_dir: str | Path) -> list[str]:
 # What a run reads
 
 
-def run_splits(manifest: dict[str, Any], fold: int | None, holdout_source: str | None) -> dict[str, Selection]:
+def run_splits(
+    manifest: dict[str, Any],
+    fold: int | None,
+    holdout_source: str | None = None,
+    train_sources: list[str] | None = None,
+    test_sources: list[str] | None = None,
+) -> dict[str, Selection]:
     """The ``train``, ``val`` and ``test`` selections of a run on the pack of ``manifest``: with ``fold``,
     cross-validation on it (``fold_splits``); without, training on every fold, fold 0 still reporting
-    validation figures. With ``holdout_source``, leave-one-source-out (``holdout_keep``): the held-out
-    source's samples in the folds are test samples too, so the test reads every split."""
+    validation figures. A choice of fake sources (``sources_keep``): ``train_sources`` (None: all) are
+    trained and validated on, ``test_sources`` (None: all) tested on, the test reading every split for a
+    source never trained on. ``holdout_source`` S, leave-one-source-out, is training on every fake source
+    but S and testing on S."""
     folds = manifest["settings"]["folds"]
     if fold is None:
         splits = {"train": [f"fold{k}" for k in range(folds)], "val": ["fold0"], "test": ["test"]}
     else:
         splits = fold_splits(folds, fold)
-    if not holdout_source:
+    if holdout_source:
+        fakes = sorted(manifest.get("sources", {}).get("fake", {}))
+        train_sources, test_sources = [s for s in fakes if s != holdout_source], [holdout_source]
+    if train_sources is None and test_sources is None:
         return {name: Selection(chosen) for name, chosen in splits.items()}
     splits["test"] = list(manifest["splits"])
-    return {name: Selection(chosen, holdout_keep(holdout_source, name == "test")) for name, chosen in splits.items()}
+    train, test = as_set(train_sources), as_set(test_sources)
+    return {name: Selection(chosen, sources_keep(train, test, name == "test")) for name, chosen in splits.items()}
+
+
+def as_set(names: list[str] | None) -> frozenset[str] | None:
+    return None if names is None else frozenset(names)
 
 
 def fold_splits(folds: int, val_fold: int) -> dict[str, list[str]]:
@@ -79,21 +95,76 @@ def fold_splits(folds: int, val_fold: int) -> dict[str, list[str]]:
     }
 
 
-def holdout_keep(source: str, test: bool) -> Keep:
-    """Leave-one-source-out selection (a ``keep`` predicate): training and validation keep every sample but
-    fake source ``source``'s; the test keeps the real samples of the test split and every fake sample of
-    ``source``, from all splits (none of it was trained on)."""
-    if test:
-        return lambda r: r["source"] == source if r["class"] == "fake" else r["split"] == "test"
-    return lambda r: r["class"] != "fake" or r["source"] != source
+def sources_keep(train: frozenset[str] | None, test: frozenset[str] | None, for_test: bool) -> Keep:
+    """A choice of fake sources as a ``keep`` predicate (None: every source). Training and validation keep
+    every real sample and the fakes of ``train``; the test keeps the real samples of the test split and the
+    fakes of ``test``: from the test split for a source in ``train``, from every split for one never
+    trained on."""
+    if not for_test:
+        return lambda r: r["class"] != "fake" or train is None or r["source"] in train
+
+    def keep(r: dict[str, Any]) -> bool:
+        if r["class"] != "fake":
+            return r["split"] == "test"
+        if test is not None and r["source"] not in test:
+            return False
+        return r["split"] == "test" or (train is not None and r["source"] not in train)
+
+    return keep
 
 
 def check_holdout(shard_dir: str | Path, source: str) -> None:
     """``UserError`` unless ``source`` is a fake source of the pack."""
+    check_sources(shard_dir, [source], "holdout source")
+
+
+def check_sources(shard_dir: str | Path, sources: list[str], what: str) -> None:
+    """``UserError`` naming ``what`` unless every one of ``sources`` is a fake source of the pack."""
     fakes = fake_sources(shard_dir)
-    if source not in fakes:
+    unknown = [source for source in sources if source not in fakes]
+    if unknown:
         listed = ", ".join(fakes) or "none recorded (pack again to record sources)"
-        raise UserError(f"holdout source {source!r} is no fake source of {shard_dir}; its fake sources: {listed}")
+        raise UserError(
+            f"{what} {', '.join(map(repr, unknown))}: no fake source of {shard_dir}; its fake sources: {listed}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chronological protocol
+
+
+def source_dates(manifest: dict[str, Any]) -> dict[str, str]:
+    """The release date (YYYY-MM-DD or YYYY-MM) of each source of the pack that has one."""
+    return manifest.get("source_dates", {})
+
+
+def time_windows(dates: dict[str, str], window: int) -> list[list[str]]:
+    """The sources of ``dates`` from the oldest release to the newest (ties by name), in groups of
+    ``window`` consecutive ones: window 0 the ``window`` oldest, ...; the last may hold fewer."""
+    if window < 1:
+        raise UserError(f"--window {window}: a window holds at least 1 generator")
+    ordered = sorted(dates, key=lambda source: (dates[source], source))
+    return [ordered[start : start + window] for start in range(0, len(ordered), window)]
+
+
+def chrono_windows(shard_dir: str | Path, window: int) -> list[list[str]]:
+    """``time_windows`` of the fake sources of the pack at ``shard_dir``; ``UserError`` when one has no
+    release date or there are fewer than 2 windows (nothing to train on before a test)."""
+    manifest = read_manifest(shard_dir)
+    dates, fakes = source_dates(manifest), fake_sources(shard_dir)
+    undated = [source for source in fakes if source not in dates]
+    if undated:
+        raise UserError(
+            f"{shard_dir}: no release date for fake source {', '.join(undated)}; pack again with "
+            "--source-dates FILE (YAML source: date) or a CSV list's date column"
+        )
+    windows = time_windows({source: dates[source] for source in fakes}, window)
+    if len(windows) < 2:
+        raise UserError(
+            f"{shard_dir}: --window {window} makes {len(windows)} window of its {len(fakes)} fake sources; "
+            "the chronological protocol needs 2 or more (a smaller --window)"
+        )
+    return windows
 
 
 def select_shards(shard_dir: str | Path, splits: list[str], keep: Keep | None = None) -> list[Shard]:

@@ -1,0 +1,125 @@
+"""The chronological protocol (AI-GenBench): generators in windows by release date, each task trained on the
+windows so far and tested on the next; the selection on a real pack, and ``submit cv --by time`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers.commands import run_cli
+from helpers.plots import assert_png
+from helpers.slurm import options
+
+from aidetect.cluster.report import HOLDOUT_COLUMNS, cv_report
+from aidetect.data.manifest import (
+    chrono_windows,
+    read_manifest,
+    run_splits,
+    sample_records,
+    select_shards,
+    time_windows,
+)
+from aidetect.data.pack import PackSettings, pack
+from aidetect.data.shardfile import shard_records
+from aidetect.data.synth import synth
+from aidetect.errors import UserError
+
+# Released in another order than their names sort: gen3 first, gen1 last.
+DATES = {"gen1": "2023-07-26", "gen2": "2022-08", "gen3": "2022-04-06", "gen4": "2022-08-22"}
+ORDER = ["gen3", "gen2", "gen4", "gen1"]  # 2022-08 sorts before any day of August 2022
+
+
+@pytest.fixture(scope="module")
+def dated_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fakes of four generators with release dates, reals of two sources, as small native crops."""
+    root = tmp_path_factory.mktemp("dated")
+    synth(root / "raw", n=96, seed=11, workers=2, min_side=64, max_side=96, sources=4)
+    (root / "dates.yaml").write_text("".join(f"{source}: {date}\n" for source, date in DATES.items()))
+    settings = PackSettings(mode="crop", size=32, shard_size=16, folds=2, source_dates=str(root / "dates.yaml"))
+    pack(root / "raw", root / "shards", settings, workers=2, progress=False)
+    return root / "shards"
+
+
+def test_windows_are_consecutive_generators_oldest_first() -> None:
+    assert time_windows(DATES, 1) == [[s] for s in ORDER]
+    assert time_windows(DATES, 2) == [["gen3", "gen2"], ["gen4", "gen1"]]
+    assert time_windows(DATES, 3) == [["gen3", "gen2", "gen4"], ["gen1"]]
+    assert time_windows({"b": "2024-01", "a": "2024-01"}, 1) == [["a"], ["b"]]  # ties by name
+    with pytest.raises(UserError, match="a window holds at least 1 generator"):
+        time_windows(DATES, 0)
+
+
+def selected(shards: Path, selection) -> set[str]:
+    """The paths of the samples a run's loader reads for ``selection``."""
+    paths = set()
+    for shard in select_shards(shards, selection.splits, selection.keep):
+        records = shard_records(shard.path)
+        paths.update(records[i]["path"] for i in (shard.keep if shard.keep is not None else range(len(records))))
+    return paths
+
+
+@pytest.mark.parametrize("task", [0, 1, 2])
+def test_a_task_trains_on_the_windows_so_far_and_tests_on_the_next(dated_pack: Path, task: int) -> None:
+    windows = chrono_windows(dated_pack, 1)
+    assert windows == [[s] for s in ORDER] and read_manifest(dated_pack)["source_dates"] == DATES
+    trained, tested = ORDER[: task + 1], ORDER[task + 1]
+    splits = run_splits(read_manifest(dated_pack), 0, None, trained, [tested])
+    records = sample_records(dated_pack)
+
+    def paths(split_ok, fake_ok) -> set[str]:
+        return {
+            r["path"]
+            for r in records
+            if split_ok(r["split"]) and (fake_ok(r["source"]) if r["class"] == "fake" else True)
+        }
+
+    assert selected(dated_pack, splits["train"]) == paths(lambda s: s == "fold1", lambda s: s in trained)
+    assert selected(dated_pack, splits["val"]) == paths(lambda s: s == "fold0", lambda s: s in trained)
+    real_test = {r["path"] for r in records if r["class"] == "real" and r["split"] == "test"}
+    every_of_next = {r["path"] for r in records if r["source"] == tested}  # all splits: never trained on
+    assert selected(dated_pack, splits["test"]) == real_test | every_of_next
+    assert len(every_of_next) == read_manifest(dated_pack)["sources"]["fake"][tested]["total"]
+
+
+def test_holdout_is_the_same_selection_as_training_on_the_rest(dated_pack: Path) -> None:
+    manifest = read_manifest(dated_pack)
+    held = run_splits(manifest, 0, "gen2")
+    chosen = run_splits(manifest, 0, None, ["gen1", "gen3", "gen4"], ["gen2"])
+    for name in ("train", "val", "test"):
+        assert selected(dated_pack, held[name]) == selected(dated_pack, chosen[name])
+
+
+def test_a_pack_without_every_date_is_refused_in_one_line(tiny_pack: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no release date for fake source fake; pack again with --source-dates FILE"):
+        chrono_windows(tiny_pack, 1)
+    result = run_cli(
+        "submit", "cv", "--by", "time", "--profile", "local", "--executor", "local", "--data", str(tiny_pack),
+        "--out", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no release date for fake source fake" in result.stderr and not (tmp_path / "run" / "jobs.json").exists()
+
+
+def test_submit_cv_by_time_runs_each_window_and_reports_the_matrix(dated_pack: Path, tmp_path: Path) -> None:
+    run = tmp_path / "chrono"
+    result = run_cli(
+        "submit", "cv", "--by", "time", "--window", "2", "--profile", "local", "--executor", "local", "--wait",
+        "--data", str(dated_pack), "--out", str(run), *options(1, 16),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "next-window fake_accuracy mean" in result.stdout  # --wait ran cv-report
+    jobs = json.loads((run / "jobs.json").read_text())
+    assert jobs["by"] == "time" and jobs["window"] == 2 and jobs["windows"] == [["gen3", "gen2"], ["gen4", "gen1"]]
+    summary = json.loads((run / "cv_summary.json").read_text())
+    matrix = summary["time"]
+    assert summary["n_tasks"] == 1 and not summary["missing"] and list(matrix["sources"]) == ["w0..w0->w1"]
+    row, manifest = matrix["sources"]["w0..w0->w1"], read_manifest(dated_pack)
+    assert row["folder"] == "time-0" and matrix["dates"] == DATES and matrix["columns"] == list(HOLDOUT_COLUMNS)
+    assert row["real"] == manifest["splits"]["test"]["real"]
+    assert row["fake"] == sum(manifest["sources"]["fake"][s]["total"] for s in ("gen4", "gen1"))
+    metrics = json.loads((run / "time-0" / "test_metrics.json").read_text())
+    assert set(metrics["per_source"]["sources"]) == {"art", "photo", "gen4", "gen1"}
+    assert_png(run / "cv_time.png")
+    (run / "jobs.json").unlink()  # as an sbatch run has none: the windows come from the task's config
+    assert cv_report(run)["time"] == matrix
