@@ -158,6 +158,9 @@ def test_ambiguous_trees_and_a_wrong_layout_are_refused(tmp_path: Path) -> None:
         detect_layout(tmp_path / "src")
     with pytest.raises(UserError, match="is no imagefolder layout \\(SRC/real/ and SRC/fake/\\)"):
         pack(tmp_path / "src", tmp_path / "out", PackSettings(layout="imagefolder"), workers=1, progress=False)
+    write_images(tmp_path / "lone", ["real/a.png"])  # an ImageFolder lacking fake/, not a Synthbuster tree
+    with pytest.raises(UserError, match="needs both real/ and fake/ class folders"):
+        pack(tmp_path / "lone", tmp_path / "out", workers=1, progress=False)
     settings = PackSettings(mode="crop", size=32, layout="genimage")
     manifest, records = packed(tmp_path / "src", tmp_path / "out", settings)
     assert manifest["source"]["layout"] == "genimage" and list(records) == ["sd/train/ai/b.png"]
