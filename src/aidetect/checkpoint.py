@@ -48,7 +48,7 @@ class RunState:
 @dataclass
 class Checkpoint:
     """One saved run: ``last.pt`` (to continue it) or ``best.pt`` (its best epoch). Every field but
-    ``version`` is required in the file."""
+    ``version`` and those in ``OPTIONAL`` is required in the file."""
 
     model: dict[str, torch.Tensor]  # the plain model's weights (no DDP or torch.compile prefixes)
     optimizer: dict[str, Any]
@@ -60,9 +60,12 @@ class Checkpoint:
     preprocess: dict[str, Any]  # how inputs are made: the pack's settings (PackSettings fields) and "crop"
     wandb_id: str | None
     version: int = VERSION  # the schema: stored in the marker, newer ones refused
+    weights_sha256: str | None = None  # of the pretrained weights file the run started from (None: none)
 
 
 PARTS = tuple(f.name for f in dataclasses.fields(Checkpoint) if f.name != "version")
+# Fields added after version 1 files were written: optional in the file (their default when missing).
+OPTIONAL = ("weights_sha256",)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -80,14 +83,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     stored = read_stored(path)
     version = stored_version(path, stored)
-    missing = [name for name in PARTS if name not in stored]
+    missing = [name for name in PARTS if name not in stored and name not in OPTIONAL]
     if missing:
         raise UserError(f"{path}: incomplete checkpoint, no {', '.join(missing)}")
     try:
         state, config = RunState(**stored["state"]), build(Config, stored["config"], "")
     except (TypeError, UserError) as exc:
         raise UserError(f"{path}: checkpoint with an unreadable state or config ({first_line(exc)})") from None
-    parts = {name: stored[name] for name in PARTS} | {"state": state, "config": config}
+    parts = {name: stored[name] for name in PARTS if name in stored} | {"state": state, "config": config}
     return Checkpoint(**parts, version=version)
 
 

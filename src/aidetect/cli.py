@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             ),
             "status": ("state and progress of a submitted run or cross-validation", status_arguments),
             "wandb-sync": ("upload every offline wandb run under a run folder", wandb_sync_arguments),
+            "weights": ("pretrained weights in the local Hugging Face cache, for offline nodes", weights_arguments),
             "doctor": ("check this node (or every rank of a job) before spending an allocation", doctor_arguments),
             "bench": ("benchmarks that print figures and write JSON", bench_arguments),
             "holdout-task": (
@@ -315,6 +316,19 @@ def wandb_sync_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder")
     parser.add_argument("--list", action="store_true", help="only list the offline runs")
     parser.set_defaults(handler=run_wandb_sync)
+
+
+def weights_arguments(parser: argparse.ArgumentParser) -> None:
+    add_commands(
+        parser,
+        "action",
+        {"fetch": ("download weights into the local Hugging Face cache (needs internet)", weights_fetch_arguments)},
+    )
+
+
+def weights_fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="+", metavar="NAME", help="timm:ARCH (timm's weights of it) or hf-hub:ORG/NAME")
+    parser.set_defaults(handler=run_weights_fetch)
 
 
 def doctor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -576,6 +590,15 @@ def run_wandb_sync(args: argparse.Namespace) -> int:
     from aidetect.cluster.report import wandb_sync
 
     return wandb_sync(Path(args.run), list_only=args.list)
+
+
+def run_weights_fetch(args: argparse.Namespace) -> int:
+    from aidetect.weights import HUB, fetch, hub_repo
+
+    for name in args.names:
+        path = fetch(name)
+        print(f"{name}: {path} (set model.pretrained: {HUB}{hub_repo(name)})")
+    return 0
 
 
 def run_doctor(args: argparse.Namespace) -> int:

@@ -59,8 +59,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="seed_cnn2", metadata=flag("the architecture", name="model"))
-    pretrained: str | None = field(default=None, metadata=flag("a local weights file; nothing is downloaded"))
+    name: str = field(default="seed_cnn2", metadata=flag("the architecture, or timm:ARCH", name="model"))
+    pretrained: str | None = field(
+        default=None,
+        metadata=flag("a local weights file or folder, or hf-hub:ORG/NAME from the local cache (aidetect weights)"),
+    )
+    tune: str = field(
+        default="full",
+        metadata=flag("what trains: full, probe (the head), last:N (the last N blocks and the head) or lora"),
+    )
+    input_size: int | None = None  # input side of fixed-size timm backbones (ViTs); None: the backbone's own
+    lora_rank: int = 8  # model.tune lora: the adapters' rank ...
+    lora_alpha: float = 16.0  # ... and their scale's numerator (alpha / rank)
     channels_last: bool = True
     compile: bool = False
 
@@ -154,7 +164,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"YAML file or bundled config ({configs}); its keys replace the defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=3e-4")
     for section, cls in typing.get_type_hints(Config).items():
-        add_flags(parser, cls, section, CHOICES | {"model.name": tuple(MODELS)})
+        add_flags(parser, cls, section, CHOICES | {"model.name": (*MODELS, "timm:ARCH")})
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -265,16 +275,17 @@ def validate(config: Config) -> None:
     for dotted in CHOICES:
         section, key = dotted.split(".")
         check_choice(dotted, getattr(getattr(config, section), key))
-    from aidetect.models import MODELS
+    from aidetect.models import check_model
 
-    if config.model.name not in MODELS:
-        raise UserError(f"config key model.name {config.model.name!r} is unknown; choose one of {', '.join(MODELS)}")
+    check_model(config.model.name, config.model.tune)
     positive = {
         "data.batch_size": config.data.batch_size,
         "train.epochs": config.train.epochs,
         "optim.accumulate": config.optim.accumulate,
         "optim.lr": config.optim.lr,
         "train.dist_timeout_s": config.train.dist_timeout_s,
+        "model.lora_rank": config.model.lora_rank,
+        "model.input_size": config.model.input_size or 1,
     }
     for key, value in positive.items():
         if value <= 0:

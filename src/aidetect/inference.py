@@ -15,7 +15,7 @@ import csv
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from aidetect import plots
+from aidetect.backbones import Preprocess
 from aidetect.checkpoint import Checkpoint, load_checkpoint
 from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage
@@ -40,18 +41,26 @@ from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
 from aidetect.hardware import memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics
-from aidetect.models import build_model
+from aidetect.models import preprocess_of
 from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
 from aidetect.scores import save_scores
+from aidetect.train import build_trained_model
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, device: torch.device) -> nn.Module:
-    """The checkpoint's model with its weights, on ``device``, in eval mode."""
+    """The checkpoint's model with its weights, on ``device``, in eval mode: built as it was trained (a timm
+    backbone at its input side, with the LoRA adapters of ``model.tune lora``), no pretrained file read."""
     image_size = checkpoint.preprocess["crop"] or checkpoint.preprocess["size"]
-    model = build_model(checkpoint.config.model.name, image_size)
+    config = replace(checkpoint.config.model, pretrained=None, channels_last=False)  # the checkpoint's weights
+    model = build_trained_model(config, image_size, device)
     model.load_state_dict(checkpoint.model)
     return model.to(device).eval()
+
+
+def checkpoint_preprocess(checkpoint: Checkpoint) -> Preprocess:
+    """How the checkpoint's model normalises its inputs (``models.preprocess_of`` its model section)."""
+    return preprocess_of(checkpoint.config.model.name, checkpoint.config.model.input_size)
 
 
 def evaluate(
@@ -124,6 +133,7 @@ def split_evaluator(
     model = model_from_checkpoint(checkpoint, device)
     chosen = evaluated_selection(checkpoint, data, split)
     precision = resolve_precision(checkpoint.config.train.precision, device)
+    preprocess = checkpoint_preprocess(checkpoint)
 
     def evaluate_with(degrade: Perturbation | None) -> Predictions:
         loader = build_loader(
@@ -136,6 +146,8 @@ def split_evaluator(
             device=device,
             keep=chosen.keep,
             degrade=degrade,
+            mean=preprocess.mean,
+            std=preprocess.std,
         )
         with loader, stop.deferred():
             return evaluate_split(model, loader, device, precision, False, stop_check(stop, loader, device)).gather()
@@ -182,7 +194,7 @@ def predict(
     with ``perturb``, of each file degraded so (see ``load_for_prediction``)."""
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_checkpoint(checkpoint, device)
+    model, preprocess = model_from_checkpoint(checkpoint, device), checkpoint_preprocess(checkpoint)
     rows: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []
     for path in image_files(paths):
@@ -193,10 +205,10 @@ def predict(
         except (UnreadableImage, ValueError, OSError) as exc:
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": first_line(exc)})
         if len(pending) == batch_size:
-            score(model, pending, rows, device)
+            score(model, pending, rows, device, preprocess)
             pending = []
     if pending:
-        score(model, pending, rows, device)
+        score(model, pending, rows, device, preprocess)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "prob_fake", "label", "error"])
     writer.writeheader()
@@ -206,14 +218,22 @@ def predict(
 
 
 @torch.no_grad()
-def score(model: nn.Module, pending: list[tuple[int, torch.Tensor]], rows: list[dict], device: torch.device) -> None:
-    """Score images of one size together; images of another size (when no crop is set) go one by one."""
+def score(
+    model: nn.Module,
+    pending: list[tuple[int, torch.Tensor]],
+    rows: list[dict],
+    device: torch.device,
+    preprocess: Preprocess,
+) -> None:
+    """Score images of one size together, normalised as ``preprocess`` says; images of another size (when no
+    crop is set) go one by one."""
     by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for index, image in pending:
         by_shape.setdefault(tuple(image.shape), []).append((index, image))
     for group in by_shape.values():
         images = torch.stack([image for _, image in group]).to(device)
-        probabilities = torch.sigmoid(model(normalize_batch(images)).float()).tolist()
+        normalized = normalize_batch(images, mean=preprocess.mean, std=preprocess.std)
+        probabilities = torch.sigmoid(model(normalized).float()).tolist()
         for (index, _), probability in zip(group, probabilities, strict=True):
             rows[index]["prob_fake"] = f"{probability:.6f}"
             rows[index]["label"] = "fake" if probability >= 0.5 else "real"

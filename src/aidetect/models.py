@@ -1,21 +1,25 @@
-"""Models by name: the original project's two CNNs, layer by layer, and torchvision backbones.
+"""Models by name: the original project's two CNNs, layer by layer, torchvision backbones, and any timm
+backbone as ``timm:ARCH`` (``aidetect.backbones``, with ``model.tune``).
 
 Every model maps N x 3 x S x S images to N logits (one per image, positive = AI-generated), to be
 trained with ``BCEWithLogitsLoss``, which is stable under autocast unlike Sigmoid + BCELoss.
-Pretrained weights come from a local file only: nothing is downloaded.
+Pretrained weights come from local files only (``aidetect.weights``): nothing is downloaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from aidetect.backbones import PREFIX, TimmBinary
+from aidetect import weights
+from aidetect.backbones import PREFIX, Preprocess, TimmBinary, Tuning, apply_tuning, check_arch, parse_tune
+from aidetect.backbones import preprocess_of as timm_preprocess
+from aidetect.data.integrity import sha256_file
+from aidetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aidetect.errors import UserError
 from aidetect.npr import npr_resnet50, npr_small
 
@@ -109,33 +113,61 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def build_model(name: str, image_size: int, pretrained: str | None = None) -> nn.Module:
-    """``name`` is one of ``MODELS`` or ``timm:ARCH`` (``aidetect.backbones``)."""
+def build_model(name: str, image_size: int, pretrained: str | None = None, tuning: Tuning | None = None) -> nn.Module:
+    """``name`` is one of ``MODELS`` or ``timm:ARCH`` (``aidetect.backbones``: ``image_size`` is then the input
+    side of fixed-size backbones, ``preprocess_of``'s). ``pretrained``: ``model.pretrained``, loaded into a
+    timm backbone before ``tuning`` is applied (None: all of it trains); the weights' path and sha256 are
+    kept as ``model.weights`` (None without)."""
+    check_model(name, tuning.tune if tuning else "full")
     if name.startswith(PREFIX):
-        return TimmBinary(name.removeprefix(PREFIX), image_size)
-    if name not in MODELS:
-        raise UserError(f"model.name {name!r} is unknown; choose one of {', '.join(MODELS)}")
+        model = TimmBinary(name.removeprefix(PREFIX), image_size)
+        model.weights = weights.load_backbone_weights(model.backbone, pretrained) if pretrained else None
+        if tuning:
+            apply_tuning(model, tuning)
+        return model
     model = MODELS[name](image_size)
-    if pretrained:
-        load_pretrained(model, Path(pretrained))
+    model.weights = load_pretrained(model, pretrained) if pretrained else None
     return model
 
 
-def load_pretrained(model: nn.Module, path: Path) -> None:
+def check_model(name: str, tune: str) -> None:
+    """One line for a name that is neither in ``MODELS`` nor a timm model, a bad ``model.tune``, or a tune
+    other than full of a model that is not a timm backbone."""
+    parse_tune(tune)
+    if name.startswith(PREFIX):
+        check_arch(name.removeprefix(PREFIX))
+        return
+    if name not in MODELS:
+        raise UserError(f"config key model.name {name!r} is unknown; choose one of {', '.join(MODELS)} or timm:ARCH")
+    if tune != "full":
+        raise UserError(f"model.tune {tune} needs a timm backbone (model.name timm:ARCH); {name} trains in full")
+
+
+def preprocess_of(name: str, input_size: int | None) -> Preprocess:
+    """How model ``name``'s inputs are made: a timm backbone's mean, std and (fixed-size ones) side, with
+    ``input_size`` (``model.input_size``) as that side when set; ImageNet's mean and std at any side for
+    the others."""
+    if name.startswith(PREFIX):
+        return timm_preprocess(name.removeprefix(PREFIX), input_size)
+    return Preprocess(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_pretrained(model: nn.Module, spec: str) -> weights.LoadedWeights:
     """Load local weights (e.g. torchvision's ImageNet file), keeping our own 1-logit head."""
-    if not path.is_file():
-        raise UserError(f"{path}: pretrained weights not found (model.pretrained takes a local file path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: not a loadable weights file ({type(exc).__name__}); pass a state_dict .pth") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
+    path = weights.resolve(spec)
+    state = weights.read_state(path)
     target = model.net if isinstance(model, TorchvisionBinary) else model
     own = target.state_dict()
     compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not compatible:
         raise UserError(f"{path}: none of its tensors fit this model; is it for another architecture?")
     target.load_state_dict(compatible, strict=False)
+    return weights.LoadedWeights(path, sha256_file(path), len(compatible), len(own))
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), count_parameters(model)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aidetect import models, plots
 from aidetect.audit import audit
+from aidetect.backbones import Tuning
 from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, DataConfig, ModelConfig, OptimConfig, check_choice, save_config, validate
 from aidetect.data.degrade import Augmentation
@@ -87,7 +88,7 @@ class Trainer:
         self.splits = run_splits(self.manifest, data.fold, data.holdout_source, data.train_sources, data.test_sources)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
         self.model = build_trained_model(
-            config.model, config.data.crop or self.manifest["settings"]["size"], info.device
+            config.model, run_crop(config, shards) or self.manifest["settings"]["size"], info.device
         )
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.loaders["train"]))
@@ -176,6 +177,10 @@ class Trainer:
             f"{self.precision}; {len(self.loaders['train'])} batches per epoch per process"
         )
         self.log(f"ranks by host: {ranks_by_host(list(self.info.hosts))}")
+        trainable, total = models.count_trainable(self.model)
+        self.log(f"model.tune {config.model.tune}: {trainable:,} of {total:,} parameters train")
+        if getattr(self.model, "weights", None):
+            self.log(f"pretrained weights: {self.model.weights}")
         if self.info.is_main:
             self.audit_shortcuts()
         for epoch in range(self.state.epoch, config.train.epochs):
@@ -339,8 +344,9 @@ class Trainer:
                 state=self.state,
                 rng=rngs,
                 config=self.config,
-                preprocess=self.manifest["settings"] | {"crop": self.config.data.crop},
+                preprocess=self.manifest["settings"] | {"crop": run_crop(self.config, self.shards)},
                 wandb_id=self.tracker.run_id,
+                weights_sha256=getattr(getattr(self.model, "weights", None), "sha256", None),
             )
             save_checkpoint(self.out / name, checkpoint)
         barrier()
@@ -407,12 +413,13 @@ def build_split_loader(config: Config, info: DistInfo, shards: str, selection: S
     """This process's loader of ``selection`` of pack ``shards``; ``train``: the training loader (shuffled per
     epoch, grouped by ``optim.accumulate``, with noise and augmentation), else an evaluation one."""
     data = config.data
+    preprocess = models.preprocess_of(config.model.name, config.model.input_size)
     return build_loader(
         shards,
         selection.splits,
         batch_size=data.batch_size,
         train=train,
-        crop=data.crop,
+        crop=run_crop(config, shards),
         num_workers=data.workers,
         seed=config.train.seed,
         rank=info.rank,
@@ -423,12 +430,37 @@ def build_split_loader(config: Config, info: DistInfo, shards: str, selection: S
         keep=selection.keep,
         degrade=augmentation(data) if train else None,
         decode_on_device=data.decode == "gpu",
+        mean=preprocess.mean,
+        std=preprocess.std,
     )
 
 
+def run_crop(config: Config, shards: str) -> int | None:
+    """The side a run reads pack ``shards`` at: a fixed-size backbone's input side (``models.preprocess_of``),
+    else ``data.crop`` (None: the pack's size). A one-line ``UserError`` when the pack's images are smaller
+    than that side, or ``data.crop`` asks for another."""
+    side = models.preprocess_of(config.model.name, config.model.input_size).side
+    if side is None:
+        return config.data.crop
+    size, name = read_manifest(shards)["settings"]["size"], config.model.name
+    if size < side:
+        raise UserError(
+            f"{config.data.shards}: packed at {size} px, under the {side} px input side of {name}; "
+            f"repack it with --size {side}, or set model.input_size={size}"
+        )
+    if config.data.crop not in (None, side):
+        raise UserError(
+            f"data.crop {config.data.crop}: {name} reads {side} px inputs; leave data.crop unset or set "
+            f"model.input_size={config.data.crop}"
+        )
+    return side
+
+
 def build_trained_model(config: ModelConfig, image_size: int, device: torch.device) -> nn.Module:
-    """The configured network for ``image_size`` inputs on ``device``, channels-last when so configured."""
-    model = models.build_model(config.name, image_size, config.pretrained).to(device)
+    """The configured network for ``image_size`` inputs on ``device``, channels-last when so configured, with
+    its pretrained weights and the parts ``model.tune`` freezes frozen."""
+    tuning = Tuning(config.tune, config.lora_rank, config.lora_alpha)
+    model = models.build_model(config.name, image_size, config.pretrained, tuning).to(device)
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
@@ -440,11 +472,12 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """The configured optimiser of ``model``'s parameters (``momentum`` for sgd only); a one-line
+    """The configured optimiser of ``model``'s trainable parameters (``momentum`` for sgd only); a one-line
     ``UserError`` for a name that is not one of ``config.CHOICES["optim.name"]``."""
     check_choice("optim.name", optim.name)
     momentum = {"momentum": optim.momentum} if optim.name == "sgd" else {}
-    return OPTIMIZERS[optim.name](model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay, **momentum)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return OPTIMIZERS[optim.name](trainable, lr=optim.lr, weight_decay=optim.weight_decay, **momentum)
 
 
 def build_scheduler(

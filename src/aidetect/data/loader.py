@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -239,8 +239,17 @@ class ShardLoader:
     """Batches of normalised images for one rank; ``set_epoch`` before iterating, as with DistributedSampler.
     Its owner ends its worker processes once done with it: ``with loader:`` or ``close``."""
 
-    def __init__(self, dataset: ShardDataset, *, device: torch.device, noise_std: float) -> None:
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        *,
+        device: torch.device,
+        noise_std: float,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         self.dataset, self.device, self.noise_std = dataset, device, noise_std
+        self.mean, self.std = mean, std  # the model's normalisation (normalize_batch)
         # The workers are asked for explicitly; torch's "more workers than cores" hint is noise in job logs.
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
         self.loader = DataLoader(
@@ -296,7 +305,9 @@ class ShardLoader:
             # From the (pageable) batch buffer, the copy has read it when .to() returns: it may be reused.
             images = images.to(self.device, non_blocking=True)
             noise = self.noise(step, images.shape) if self.dataset.train and self.noise_std > 0 else None
-            yield Batch(normalize_batch(images, noise), labels.float().to(self.device), keys, sources)
+            yield Batch(
+                normalize_batch(images, noise, self.mean, self.std), labels.float().to(self.device), keys, sources
+            )
 
     def uint8_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str], list[str]]]:
         """(uint8 N x H x W x 3 images, labels, keys, sources) per batch, the images on the CPU (on the
@@ -351,8 +362,14 @@ def crop_flip_batch(images: list[torch.Tensor], windows: list[tuple[int, int, bo
     return batch
 
 
-def normalize_batch(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 NHWC batch to a normalised float32 NCHW view (channels_last), on the batch's device.
+def normalize_batch(
+    images: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 NHWC batch to a normalised float32 NCHW view (channels_last), on the batch's device:
+    ``(x / 255 - mean) / std`` per channel, with the model's ``mean`` and ``std`` (ImageNet's by default).
 
     ``noise`` (NCHW, on the [0, 1] scale) is added before normalising, as the original project did;
     callers pass it for training batches only (the original also noised test images, which biased
@@ -361,9 +378,9 @@ def normalize_batch(images: torch.Tensor, noise: torch.Tensor | None = None) -> 
     x = images.permute(0, 3, 1, 2).float().div_(255)
     if noise is not None:
         x.add_(noise)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.sub_(torch.tensor(mean, device=x.device).view(1, 3, 1, 1)).div_(
+        torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,6 +412,8 @@ def build_loader(
     keep: Keep | None = None,
     degrade: Degrade | None = None,
     decode_on_device: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised.
 
@@ -403,7 +422,8 @@ def build_loader(
     with a generator seeded by (seed, epoch, sample key), so its draws depend on nothing else
     (``aidetect.data.degrade``: training augmentation, evaluation perturbations). ``decode_on_device``:
     the stored JPEGs are decoded in batches on ``device`` (nvJPEG on a GPU) instead of in the workers,
-    with the same crops and flips; no ``degrade`` then. The caller ends the loader's workers when done
+    with the same crops and flips; no ``degrade`` then. ``mean``, ``std``: the model's normalisation
+    (``normalize_batch``). The caller ends the loader's workers when done
     with it (``with build_loader(...) as loader:``)."""
     if decode_on_device:
         check_device_decode(shard_dir, degrade)
@@ -430,7 +450,7 @@ def build_loader(
         degrade=degrade,
         decode_on_device=decode_on_device,
     )
-    return ShardLoader(dataset, device=torch.device(device), noise_std=noise_std)
+    return ShardLoader(dataset, device=torch.device(device), noise_std=noise_std, mean=mean, std=std)
 
 
 def check_device_decode(shard_dir: str | Path, degrade: Callable[..., Any] | None) -> None:
