@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             "pack": ("pack an image folder or list into WebDataset shards with fixed splits", pack_arguments),
             "audit": ("can file metadata alone tell fake from real? (shortcut check)", audit_arguments),
             "train": ("train a detector (1 process, torchrun or srun)", train_arguments),
+            "features": ("a frozen backbone's features of a pack, for linear probes", features_arguments),
             "evaluate": ("metrics and plots of a checkpoint on a split of a pack", evaluate_arguments),
             "predict": ("probability that raw images are AI-generated, as CSV", predict_arguments),
             "export": ("a checkpoint's model as ONNX or TorchScript, uint8 images in, logits out", export_arguments),
@@ -182,6 +183,14 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_options(parser)
     parser.set_defaults(handler=run_train)
+
+
+def features_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.config import add_config_options
+
+    add_config_options(parser)  # --out: the cache folder
+    parser.add_argument("--layers", help="also each of these ViT blocks' CLS token (1-based, e.g. 4,8,12)")
+    parser.set_defaults(handler=run_features)
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -476,6 +485,25 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     set_cuda_environment(config.train.deterministic)  # before any CUDA work: read once, at cuBLAS's start
     train(config)
+    return 0
+
+
+def run_features(args: argparse.Namespace) -> int:
+    from aidetect.config import config_from_args
+    from aidetect.features import extract_features
+    from aidetect.hardware import set_cuda_environment
+
+    if args.out is None:
+        raise UserError("features: --out FOLDER is required, the folder of the feature cache")
+    layers = tuple(int(k) for k in args.layers.split(",")) if args.layers else ()
+    config = config_from_args(args)
+    set_cuda_environment(config.train.deterministic)
+    done = extract_features(config, config.train.out, layers)
+    rate = done["samples"] / max(done["seconds"], 1e-9)
+    print(
+        f"[aidetect] features: {done['shards']} shard(s), {done['samples']} images in {done['seconds']:.1f} s "
+        f"({rate:.1f} img/s) -> {config.train.out}; shards still missing: {done['missing']}"
+    )
     return 0
 
 

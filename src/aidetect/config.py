@@ -51,6 +51,10 @@ class DataConfig:
     # and validation read, and those the test reads (from every split for a source never trained on).
     train_sources: list[str] | None = None
     test_sources: list[str] | None = None
+    features: str | None = field(
+        default=None,
+        metadata=flag("a feature cache of this pack (aidetect features): train the head of model.name on it"),
+    )
     # Node-local staging (aidetect.data.stage): none (read the pack where it is), auto ($SLURM_TMPDIR, else
     # $AIDETECT_LOCAL_SCRATCH, which submit exports from the profile's local_scratch) or an absolute folder;
     # $VARS are expanded on each node when the run starts.

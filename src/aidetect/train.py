@@ -46,6 +46,7 @@ from aidetect.fileio import atomic_write_json
 from aidetect.hardware import DETERMINISTIC_CUBLAS, memory_named, resolve_precision
 from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
 from aidetect.preemption import Stopped, StopRequest
+from aidetect.probe import check_complete, check_probe_config, features_loader, probe_model
 from aidetect.scores import save_scores
 from aidetect.tracking import Tracker
 
@@ -90,6 +91,9 @@ class Trainer:
         self.model = build_trained_model(
             config.model, run_crop(config, shards) or self.manifest["settings"]["size"], info.device
         )
+        if config.data.features:  # a linear probe: the head trains on cached features of the cache's backbone
+            self.model = probe_model(self.model, config.data.features)
+        self.channels_last = config.model.channels_last and not config.data.features  # features are N x D
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config, len(self.loaders["train"]))
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
@@ -162,7 +166,7 @@ class Trainer:
             precision=self.precision,
             accumulate=self.config.optim.accumulate,
             clip=self.config.optim.clip_grad,
-            channels_last=self.config.model.channels_last,
+            channels_last=self.channels_last,
         )
 
     # -- the run ----------------------------------------------------------------------------------
@@ -246,7 +250,7 @@ class Trainer:
             loader,
             self.info.device,
             self.precision,
-            self.config.model.channels_last,
+            self.channels_last,
             stop_check(self.stop, loader, self.info.device),
         ).gather()
 
@@ -391,6 +395,9 @@ def check_inputs(config: Config, shards: str, device: torch.device) -> None:
             check_sources(shards, getattr(config.data, what), f"data.{what}")
     if config.data.decode == "gpu" and device.type != "cuda":
         raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {device}: set cpu")
+    if config.data.features:
+        check_complete(config.data.features, shards)
+        check_probe_config(config)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -411,7 +418,10 @@ def seed_everything(seed: int, deterministic: bool, device: torch.device) -> Non
 
 def build_split_loader(config: Config, info: DistInfo, shards: str, selection: Selection, train: bool) -> ShardLoader:
     """This process's loader of ``selection`` of pack ``shards``; ``train``: the training loader (shuffled per
-    epoch, grouped by ``optim.accumulate``, with noise and augmentation), else an evaluation one."""
+    epoch, grouped by ``optim.accumulate``, with noise and augmentation), else an evaluation one; with
+    ``data.features``, the same batches of cached features (``probe.features_loader``)."""
+    if config.data.features:
+        return features_loader(config, info, shards, selection, train)
     data = config.data
     preprocess = models.preprocess_of(config.model.name, config.model.input_size)
     return build_loader(
