@@ -59,13 +59,14 @@ class Checkpoint:
     config: Config  # the run's resolved config
     preprocess: dict[str, Any]  # how inputs are made: the pack's settings (PackSettings fields) and "crop"
     wandb_id: str | None
+    temperature: float | None = None  # fitted on the validation fold for best.pt (calibration); older files: None
     version: int = VERSION  # the schema: stored in the marker, newer ones refused
     weights_sha256: str | None = None  # of the pretrained weights file the run started from (None: none)
 
 
 PARTS = tuple(f.name for f in dataclasses.fields(Checkpoint) if f.name != "version")
 # Fields added after version 1 files were written: optional in the file (their default when missing).
-OPTIONAL = ("weights_sha256",)
+OPTIONAL = ("weights_sha256", "temperature")
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

@@ -231,6 +231,11 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KIND:S",
         help="degrade each file before preprocessing: one of jpeg:Q, blur:SIGMA, downscale:F (e.g. jpeg:50)",
     )
+    parser.add_argument(
+        "--unsure",
+        metavar="LO,HI",
+        help="label 'unsure' every file whose (calibrated) probability of fake lies in [LO, HI], e.g. 0.4,0.6",
+    )
     parser.set_defaults(handler=run_predict)
 
 
@@ -529,13 +534,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from aidetect.calibration import parse_band
     from aidetect.data.degrade import parse_perturbations
     from aidetect.inference import predict
 
     perturbations = parse_perturbations([args.perturb]) if args.perturb else [None]
     if len(perturbations) != 1:
         raise UserError(f"--perturb {args.perturb}: predict takes one perturbation, e.g. jpeg:50")
-    counts = predict(args.checkpoint, args.paths, args.csv, perturb=perturbations[0])
+    unsure = parse_band(args.unsure) if args.unsure else None
+    counts = predict(args.checkpoint, args.paths, args.csv, perturb=perturbations[0], unsure=unsure)
     print(f"wrote {counts['files']} rows to {args.csv} ({counts['errors']} unreadable, see its error column)")
     return 0
 

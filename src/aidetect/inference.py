@@ -25,6 +25,7 @@ from torch import nn
 
 from aidetect import plots
 from aidetect.backbones import Preprocess
+from aidetect.calibration import apply_temperature
 from aidetect.checkpoint import Checkpoint, load_checkpoint
 from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage
@@ -40,7 +41,7 @@ from aidetect.engine import stop_check
 from aidetect.errors import UserError, first_line
 from aidetect.fileio import atomic_write_bytes, atomic_write_json
 from aidetect.hardware import memory_named, resolve_precision
-from aidetect.metrics import Predictions, compute_metrics
+from aidetect.metrics import Predictions, report_metrics
 from aidetect.models import preprocess_of
 from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
@@ -90,8 +91,9 @@ def evaluate(
         with StopRequest() as stop, peers_watched(info), memory_named(batch_size, info.device):
             evaluate_with = split_evaluator(checkpoint, data, split, batch_size, workers, info.device, stop)
             predictions = evaluate_with(None)
-            perturbed = {p: compute_metrics(evaluate_with(p)) for p in dict.fromkeys(perturbations)}
-        metrics = compute_metrics(predictions)
+            evaluated = {p: evaluate_with(p) for p in dict.fromkeys(perturbations)}
+        perturbed = {p: report_metrics(found, temperature=checkpoint.temperature) for p, found in evaluated.items()}
+        metrics = report_metrics(predictions, temperature=checkpoint.temperature)
         report = robustness_report(split, metrics, perturbed) if perturbations else None
         if info.is_main:
             folder = Path(out) if out else Path(checkpoint_path).parent
@@ -188,10 +190,17 @@ def load_for_prediction(path: Path, settings: dict[str, Any], perturb: Perturbat
 
 
 def predict(
-    checkpoint_path: str, paths: list[str], csv_path: str, batch_size: int = 32, perturb: Perturbation | None = None
+    checkpoint_path: str,
+    paths: list[str],
+    csv_path: str,
+    batch_size: int = 32,
+    perturb: Perturbation | None = None,
+    unsure: tuple[float, float] | None = None,
 ) -> dict[str, int]:
-    """Write ``csv_path`` with one row per file: path, probability of fake, label, error (if unreadable);
-    with ``perturb``, of each file degraded so (see ``load_for_prediction``)."""
+    """Write ``csv_path`` with one row per file: path, probability of fake (calibrated by the checkpoint's
+    temperature where it has one), label (fake at 0.5 or above, else real; ``unsure`` where the probability
+    lies in the band ``unsure`` (LO, HI) when given), error (if unreadable); with ``perturb``, of each file
+    degraded so (see ``load_for_prediction``)."""
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess = model_from_checkpoint(checkpoint, device), checkpoint_preprocess(checkpoint)
@@ -205,10 +214,10 @@ def predict(
         except (UnreadableImage, ValueError, OSError) as exc:
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": first_line(exc)})
         if len(pending) == batch_size:
-            score(model, pending, rows, device, preprocess)
+            score(model, pending, rows, device, preprocess, checkpoint.temperature, unsure)
             pending = []
     if pending:
-        score(model, pending, rows, device, preprocess)
+        score(model, pending, rows, device, preprocess, checkpoint.temperature, unsure)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "prob_fake", "label", "error"])
     writer.writeheader()
@@ -224,16 +233,25 @@ def score(
     rows: list[dict],
     device: torch.device,
     preprocess: Preprocess,
+    temperature: float | None = None,
+    unsure: tuple[float, float] | None = None,
 ) -> None:
     """Score images of one size together, normalised as ``preprocess`` says; images of another size (when no
-    crop is set) go one by one."""
+    crop is set) go one by one. Probabilities are ``sigmoid(logit / temperature)``, labels as ``label_of``."""
     by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
     for index, image in pending:
         by_shape.setdefault(tuple(image.shape), []).append((index, image))
     for group in by_shape.values():
         images = torch.stack([image for _, image in group]).to(device)
         normalized = normalize_batch(images, mean=preprocess.mean, std=preprocess.std)
-        probabilities = torch.sigmoid(model(normalized).float()).tolist()
+        probabilities = apply_temperature(model(normalized).float().cpu(), temperature).tolist()
         for (index, _), probability in zip(group, probabilities, strict=True):
             rows[index]["prob_fake"] = f"{probability:.6f}"
-            rows[index]["label"] = "fake" if probability >= 0.5 else "real"
+            rows[index]["label"] = label_of(probability, unsure)
+
+
+def label_of(probability: float, unsure: tuple[float, float] | None) -> str:
+    """``unsure`` where ``probability`` lies in the band ``unsure`` (LO <= p <= HI), else fake at 0.5 or above."""
+    if unsure is not None and unsure[0] <= probability <= unsure[1]:
+        return "unsure"
+    return "fake" if probability >= 0.5 else "real"

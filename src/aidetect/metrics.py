@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
+from aidetect.calibration import apply_temperature, calibration_metrics, format_calibration, logits_of
 from aidetect.distributed import all_gather_objects
+from aidetect.intervals import LEVEL, RESAMPLES, SEED, bootstrap_intervals
 
 METRIC_KEYS = (
     "accuracy",
@@ -25,6 +27,9 @@ METRIC_KEYS = (
     "auroc",
     "ap",
     "loss",
+    "ece",
+    "nll",
+    "brier",
     "tp",
     "fp",
     "tn",
@@ -41,6 +46,9 @@ PER_SOURCE_COLUMNS = {
     "real_accuracy": "real acc",
     "auroc": "AUROC",
 }
+# A source with fewer test images than this is flagged in format_per_source: its figures are noisy.
+FEW_IMAGES = 30
+INTERVAL_METHOD = f"{LEVEL:.0%} percentile, {RESAMPLES} bootstrap resamples stratified by class and source, seed {SEED}"
 
 
 @dataclass
@@ -92,6 +100,7 @@ def compute_metrics(predictions: Predictions, threshold: float = 0.5) -> dict[st
         "auroc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
         "ap": float(average_precision_score(labels, probabilities)) if both_classes else float("nan"),
         "loss": predictions.loss_sum / total,
+        **(calibration_metrics(probabilities, labels) if len(labels) else {}),
         "tp": tp,
         "fp": fp,
         "tn": tn,
@@ -127,6 +136,36 @@ def per_source(predictions: Predictions, threshold: float = 0.5) -> dict[str, An
     fake = [entry["fake_accuracy"] for entry in table.values() if "fake_accuracy" in entry]
     summary = {"fake_accuracy_mean": float(np.mean(fake)), "fake_accuracy_min": float(np.min(fake))} if fake else {}
     return {"sources": table} | summary
+
+
+def report_metrics(predictions: Predictions, threshold: float = 0.5, temperature: float | None = None) -> dict:
+    """``compute_metrics`` as a report shows it (test_metrics.json, eval_SPLIT.json, robustness.json): with
+    ``intervals``, the bootstrap intervals overall (``aidetect.intervals``; ``interval_method`` says how they
+    were made), ``intervals`` in each per-source entry (of the keys the entry has), and with a ``temperature``
+    the ``calibrated`` block (``calibrated``)."""
+    metrics = compute_metrics(predictions, threshold)
+    labels = np.asarray(predictions.labels, dtype=np.int64)
+    sources = predictions.sources or None
+    found = bootstrap_intervals(predictions.probabilities, labels, threshold, sources)
+    metrics |= {"intervals": found.get("overall", {}), "interval_method": INTERVAL_METHOD}
+    for name, entry in metrics.get("per_source", {}).get("sources", {}).items():
+        entry["intervals"] = {key: value for key, value in found["per_source"][name].items() if key in entry}
+    if temperature is not None:
+        metrics["calibrated"] = calibrated(predictions, temperature)
+    return metrics
+
+
+def calibrated(predictions: Predictions, temperature: float) -> dict[str, float]:
+    """``{"temperature", "ece", "nll", "brier"}`` of the predictions scaled by ``temperature``
+    (``calibration.apply_temperature`` of their logits). The rest of the metrics are those of the unscaled
+    predictions: a temperature moves no score across 0.5 and keeps their order."""
+    probabilities = apply_temperature(logits(predictions), temperature)
+    return {"temperature": temperature} | calibration_metrics(probabilities, predictions.labels)
+
+
+def logits(predictions: Predictions) -> np.ndarray:
+    """The predictions' logits: as the model gave them, or (predictions made without) from the probabilities."""
+    return np.asarray(predictions.logits) if predictions.logits else logits_of(predictions.probabilities)
 
 
 def curves(predictions: Predictions) -> dict[str, np.ndarray]:
@@ -177,14 +216,22 @@ def is_better(metric: str, value: float, best: float | None, loss: float, best_l
 
 def format_per_source(per_source: dict[str, Any]) -> str:
     """A metrics dict's ``per_source`` as an aligned text table: one line per source (n, accuracy, and its
-    fake or real accuracy and AUROC where it has them, "-" where not), then the mean and minimum fake
-    accuracy over fake sources where there are any."""
+    fake or real accuracy and AUROC where it has them, "-" where not; each with its interval where the entry
+    has ``intervals``), a source with fewer than ``FEW_IMAGES`` images marked ``*`` and a footnote saying so,
+    then the mean and minimum fake accuracy over fake sources where there are any."""
     table = per_source["sources"]
-    name_width = max(len("source"), *map(len, table))
-    lines = [f"{'source':<{name_width}}" + "".join(f"{title:>10}" for title in PER_SOURCE_COLUMNS.values())]
+    few = [name for name, entry in table.items() if entry["n"] < FEW_IMAGES]
+    names = {name: f"{name}*" if name in few else name for name in table}
+    name_width = max(len("source"), *map(len, names.values()))
+    wide = any("intervals" in entry for entry in table.values())  # a value and its interval: 22 characters
+    widths = {key: 22 if wide and key != "n" else 10 for key in PER_SOURCE_COLUMNS}
+    lines = [f"{'source':<{name_width}}" + "".join(f"{PER_SOURCE_COLUMNS[k]:>{w}}" for k, w in widths.items())]
     for name, entry in table.items():
-        cells = (format_cell(entry.get(key)) for key in PER_SOURCE_COLUMNS)
-        lines.append(f"{name:<{name_width}}" + "".join(f"{cell:>10}" for cell in cells))
+        intervals = entry.get("intervals", {})
+        row = "".join(f"{format_cell(entry.get(k), intervals.get(k)):>{w}}" for k, w in widths.items())
+        lines.append(f"{names[name]:<{name_width}}{row}")
+    if few:
+        lines.append(f"* fewer than {FEW_IMAGES} images: its figures and their intervals are unreliable")
     if "fake_accuracy_mean" in per_source:
         lines.append(
             f"fake accuracy over fake sources: mean {per_source['fake_accuracy_mean']:.4f}, "
@@ -193,5 +240,16 @@ def format_per_source(per_source: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_cell(value: float | None) -> str:
-    return "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4f}"
+def format_cell(value: float | None, interval: list[float] | None = None) -> str:
+    """A table cell: "-" for no value, an int as is, a float to 4 places, with its interval to 3 when given."""
+    if value is None or isinstance(value, int):
+        return "-" if value is None else str(value)
+    return f"{value:.4f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def format_calibration_line(metrics: dict[str, Any]) -> str:
+    """One line of a metrics dict's calibration (``calibration.format_calibration``), and after temperature
+    scaling where it has the ``calibrated`` block."""
+    after = metrics.get("calibrated")
+    scaled = f"; at temperature {after['temperature']:.3f}: {format_calibration(after)}" if after else ""
+    return f"calibration: {format_calibration(metrics)}{scaled}"

@@ -1,4 +1,5 @@
-"""PNG plots a person reads: training curves, confusion matrix, ROC and precision-recall curves, per-source bars."""
+"""PNG plots a person reads: training curves, confusion matrix, ROC and precision-recall curves, reliability
+diagram, per-source bars."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ matplotlib.use("Agg")  # files only: compute nodes have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from aidetect.metrics import Predictions, curves
+from aidetect.calibration import ECE_BINS, apply_temperature, reliability
+from aidetect.intervals import LEVEL
+from aidetect.metrics import Predictions, curves, logits
 
 
 def save(figure: plt.Figure, path: Path) -> Path:
@@ -59,6 +62,28 @@ def roc_pr(curves: dict, metrics: dict, roc_path: Path, pr_path: Path, title: st
     axis.set(xlabel="recall (fake)", ylabel="precision (fake)", ylim=(0, 1.02), title=f"{title}: precision-recall")
     axis.legend(loc="lower left")
     return roc_path, save(figure, pr_path)
+
+
+def reliability_diagram(predictions: Predictions, metrics: dict, path: Path, title: str) -> Path:
+    """Fraction of fakes against the mean probability of fake in each of ``ECE_BINS`` equal-width bins, with
+    the diagonal of perfect calibration, before and (where ``metrics`` has the ``calibrated`` block) after
+    temperature scaling; below, how many samples each bin holds."""
+    figure, (axis, counts) = plt.subplots(2, 1, figsize=(4.5, 5.2), height_ratios=(3, 1), sharex=True)
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    curves_shown = {f"uncalibrated, ECE {metrics['ece']:.3f}": np.asarray(predictions.probabilities)}
+    if "calibrated" in metrics:
+        after = metrics["calibrated"]
+        label = f"T = {after['temperature']:.2f}, ECE {after['ece']:.3f}"
+        curves_shown[label] = apply_temperature(logits(predictions), after["temperature"])
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    for label, probabilities in curves_shown.items():
+        table = reliability(probabilities, predictions.labels)
+        axis.plot(table["confidence"], table["frequency"], marker="o", label=label)
+        counts.stairs(table["count"], edges, label=label)
+    axis.set(ylabel="fraction fake", xlim=(0, 1), ylim=(0, 1.02), title=f"{title}: reliability")
+    axis.legend(loc="upper left", fontsize="small")
+    counts.set(xlabel="predicted probability of fake", ylabel="images", yscale="symlog")
+    return save(figure, path)
 
 
 def cv_summary(summary: dict, path: Path) -> Path:
@@ -114,8 +139,8 @@ SOURCE_BARS = {
 def per_source(table: dict, path: Path, title: str, errors: dict[str, dict[str, float]] | None = None) -> Path:
     """Bars of a per-source table (``compute_metrics(...)["per_source"]``): per source, its fake accuracy and
     AUROC (a fake source) and/or its real accuracy (a real source), the source labelled with its n; a dashed
-    line at ``fake_accuracy_mean`` when the table has it. ``errors`` (source -> key -> std), when given, draws
-    error bars (the cross-validation summary)."""
+    line at ``fake_accuracy_mean`` when the table has it. Error bars: ``errors`` (source -> key -> std) when
+    given (the cross-validation summary), else each entry's ``intervals`` where it has them (``report_metrics``)."""
     sources = table["sources"]
     width = 0.8 / len(SOURCE_BARS)
     figure, axis = plt.subplots(figsize=(min(max(7, 0.6 * len(sources) + 2), 15), 4.8))
@@ -126,18 +151,29 @@ def per_source(table: dict, path: Path, title: str, errors: dict[str, dict[str, 
             if key in shown:
                 x.append(index + (shown.index(key) - (len(shown) - 1) / 2) * width)
                 heights.append(entry[key])
-                yerr.append(errors[name][key] if errors else 0.0)
+                yerr.append(bar_error(entry, key, errors[name] if errors else None))
         if x:  # an empty bar call would still add a legend entry
-            axis.bar(x, heights, width, yerr=yerr if errors else None, capsize=3, color=color, label=label)
+            axis.bar(x, heights, width, yerr=np.transpose(yerr), capsize=3, color=color, label=label)
     if "fake_accuracy_mean" in table:
         mean = table["fake_accuracy_mean"]
         axis.axhline(mean, linestyle="--", color="grey", label=f"mean fake accuracy {mean:.3f}")
     labels = [f"{name}\nn={entry['n']:,.0f}" for name, entry in sources.items()]
     tilt = len(sources) > 6  # long rows of names overlap unless tilted
     axis.set_xticks(range(len(sources)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
-    axis.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title=f"{title}: per source")
+    intervals = not errors and any("intervals" in entry for entry in sources.values())
+    shows = f"; bars: {LEVEL:.0%} bootstrap intervals" if intervals else ""
+    axis.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), title=f"{title}: per source{shows}")
     axis.legend(loc="upper center", ncol=4, fontsize="small")
     return save(figure, path)
+
+
+def bar_error(entry: dict, key: str, stds: dict[str, float] | None) -> tuple[float, float]:
+    """How far a bar's error bar reaches below and above its value: the std of ``stds`` either way, else the
+    entry's interval of ``key``, else nothing."""
+    if stds is not None:
+        return stds[key], stds[key]
+    low, high = entry.get("intervals", {}).get(key, (entry[key], entry[key]))
+    return max(entry[key] - low, 0.0), max(high - entry[key], 0.0)
 
 
 EXPOSURE_COLOURS = {"reaches": "#c44e52", "neutralised": "#8c8c8c", "hidden": "#4c72b0", "content": "#dd8452"}
@@ -196,6 +232,7 @@ def report_plots(predictions: Predictions, metrics: dict, out: Path, name: str) 
     if predictions.labels and len(set(predictions.labels)) == 2:
         roc, pr = roc_pr(curves(predictions), metrics, out / f"{name}_roc.png", out / f"{name}_pr.png", name)
         paths |= {"roc": roc, "pr": pr}
+        paths["reliability"] = reliability_diagram(predictions, metrics, out / f"{name}_reliability.png", name)
     if "per_source" in metrics:
         paths["per_source"] = per_source(metrics["per_source"], out / f"{name}_per_source.png", name)
     return paths

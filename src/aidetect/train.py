@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from aidetect import models, plots
 from aidetect.audit import audit
 from aidetect.backbones import Tuning
+from aidetect.calibration import fit_temperature
 from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aidetect.config import Config, DataConfig, ModelConfig, OptimConfig, check_choice, save_config, validate
 from aidetect.data.degrade import Augmentation
@@ -44,7 +45,15 @@ from aidetect.engine import Progress, ProgressStyle, TrainingParts, evaluate, st
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import DETERMINISTIC_CUBLAS, memory_named, resolve_precision
-from aidetect.metrics import Predictions, compute_metrics, format_per_source, is_better, val_threshold
+from aidetect.metrics import (
+    Predictions,
+    compute_metrics,
+    format_calibration_line,
+    format_per_source,
+    is_better,
+    report_metrics,
+    val_threshold,
+)
 from aidetect.preemption import Stopped, StopRequest
 from aidetect.probe import check_complete, check_probe_config, features_loader, probe_model
 from aidetect.scores import save_scores
@@ -296,8 +305,8 @@ class Trainer:
             f"{metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}, auroc {metrics['auroc']:.4f}"
             f"{' (best)' if improved else ''}"
         )
-        if improved:
-            self.save("best.pt")
+        if improved:  # with the temperature that calibrates this epoch's validation predictions
+            self.save("best.pt", fit_temperature(predictions.logits, predictions.labels))
         self.save("last.pt")
 
     def test(self) -> dict[str, Any]:
@@ -311,7 +320,7 @@ class Trainer:
         chosen = best.state.best
         threshold = chosen.get("threshold", 0.5)  # checkpoints made before thresholds were chosen
         at_threshold = compute_metrics(predictions, threshold)
-        metrics = compute_metrics(predictions) | {
+        metrics = report_metrics(predictions, temperature=best.temperature) | {
             "best_epoch": chosen["epoch"],
             "val_threshold": threshold,
             "accuracy_at_val_threshold": at_threshold["accuracy"],
@@ -331,13 +340,15 @@ class Trainer:
                 f"{metrics['val_threshold']:.3f}), balanced {metrics['balanced_accuracy']:.4f}, "
                 f"auroc {metrics['auroc']:.4f}, f1 {metrics['f1']:.4f} -> {self.out / 'test_metrics.json'}"
             )
+            self.log(format_calibration_line(metrics))
             for line in format_per_source(metrics["per_source"]).splitlines() if "per_source" in metrics else ():
                 self.log(line)
         self.tracker.finish()
         return metrics
 
-    def save(self, name: str) -> None:
-        """Every rank contributes its RNG state; rank 0 writes the file atomically."""
+    def save(self, name: str, temperature: float | None = None) -> None:
+        """Every rank contributes its RNG state; rank 0 writes the file atomically (with ``temperature``: the
+        calibration of best.pt)."""
         rngs = all_gather_objects(rng_state())
         if self.info.is_main:
             checkpoint = Checkpoint(
@@ -350,6 +361,7 @@ class Trainer:
                 config=self.config,
                 preprocess=self.manifest["settings"] | {"crop": run_crop(self.config, self.shards)},
                 wandb_id=self.tracker.run_id,
+                temperature=temperature,
                 weights_sha256=getattr(getattr(self.model, "weights", None), "sha256", None),
             )
             save_checkpoint(self.out / name, checkpoint)
