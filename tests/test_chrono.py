@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers.commands import run_cli
 from helpers.plots import assert_png
-from helpers.slurm import options
+from helpers.slurm import REPO, options, submit, wait_for
 
 from aidetect.cluster.report import HOLDOUT_COLUMNS, cv_report
 from aidetect.data.manifest import (
@@ -123,3 +124,29 @@ def test_submit_cv_by_time_runs_each_window_and_reports_the_matrix(dated_pack: P
     assert_png(run / "cv_time.png")
     (run / "jobs.json").unlink()  # as an sbatch run has none: the windows come from the task's config
     assert cv_report(run)["time"] == matrix
+
+
+def test_time_task_names_each_array_task_s_folder_and_sources(dated_pack: Path) -> None:
+    result = run_cli("time-task", "1", "--window", "1", "--data", str(dated_pack))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\t") == [
+        "time-1",
+        'data.train_sources=["gen3", "gen2"]',
+        'data.test_sources=["gen4"]\n',
+    ]
+    beyond = run_cli("time-task", "3", "--window", "1", "--data", str(dated_pack))  # 4 windows: tasks 0-2
+    assert beyond.returncode == 2 and "has windows 0..3, tasks 0..2" in beyond.stderr and not beyond.stdout
+
+
+@pytest.mark.slurm
+def test_cv_sbatch_by_time_trains_the_task_s_windows(dated_pack: Path, tmp_path: Path) -> None:
+    run, sbatch = tmp_path / "chronosb", str(REPO / "slurm" / "cv.sbatch")
+    by_time = "--export=ALL,AIDETECT_CV_BY=time,AIDETECT_CV_WINDOW=1"
+    job = submit("--array=1", by_time, sbatch, str(run), "--data", str(dated_pack), *options(1, 16), cwd=tmp_path)
+    assert wait_for(f"{job}_1", {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    config = yaml.safe_load((run / "time-1" / "config.yaml").read_text())
+    assert config["data"]["train_sources"] == ["gen3", "gen2"] and config["data"]["test_sources"] == ["gen4"]
+    assert config["wandb"]["job_type"] == "time-1"
+    summary = cv_report(run)  # no jobs.json: the windows come from the task's config and the pack
+    assert summary["time"]["windows"] == [[s] for s in ORDER] and summary["missing"] == ["time-0", "time-2"]
+    assert list(summary["time"]["sources"]) == ["w0..w1->w2"]

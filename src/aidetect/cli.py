@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "what array task INDEX of slurm/cv.sbatch (AIDETECT_CV_BY=source) holds out: FOLDER<tab>SOURCE",
                 holdout_task_arguments,
             ),
+            "time-task": (
+                "what array task INDEX of slurm/cv.sbatch (AIDETECT_CV_BY=time) trains and tests on: "
+                "FOLDER<tab>data.train_sources=[...]<tab>data.test_sources=[...]",
+                time_task_arguments,
+            ),
         },
     )
     return parser
@@ -430,6 +435,16 @@ def holdout_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=run_holdout_task)
 
 
+def time_task_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.cluster.submit import submit_chrono
+
+    parser.add_argument("index", type=int, help="the array task: trained on windows 0..INDEX, tested on INDEX+1")
+    window = defaults_of(submit_chrono)["window"]
+    parser.add_argument("--window", type=int, default=window, help="generators per window")
+    add_train_options(parser)
+    parser.set_defaults(handler=run_time_task)
+
+
 def check_workers(workers: int | None) -> int:
     if workers is not None and workers < 1:
         raise UserError("--workers must be at least 1")
@@ -709,6 +724,16 @@ def run_holdout_task(args: argparse.Namespace) -> int:
     from aidetect.config import config_from_args
 
     print("\t".join(holdout_task(args.index, config_from_args(args))))
+    return 0
+
+
+def run_time_task(args: argparse.Namespace) -> int:
+    from aidetect.cluster.submit import time_task
+    from aidetect.config import config_from_args
+
+    folder, data = time_task(args.index, config_from_args(args), args.window)
+    chosen = {key: getattr(data, key) for key in ("train_sources", "test_sources")}
+    print("\t".join([folder, *(f"data.{key}={json.dumps(names)}" for key, names in chosen.items())]))
     return 0
 
 

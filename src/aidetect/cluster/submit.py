@@ -193,6 +193,18 @@ def time_folder(task: int) -> str:
     return f"time-{task}"
 
 
+def time_task(index: int, config: Config, window: int) -> tuple[str, DataConfig]:
+    """(folder, data config) of array task ``index`` of a chronological sbatch array (``aidetect time-task``,
+    run by slurm/cv.sbatch): as ``submit_chrono``'s task ``index`` on the pack that ``config`` trains on."""
+    validate(config)
+    windows = chrono_windows(config.data.shards, window)
+    if not 0 <= index < len(windows) - 1:
+        raise UserError(
+            f"array task {index}: {config.data.shards} has windows 0..{len(windows) - 1}, tasks 0..{len(windows) - 2}"
+        )
+    return time_folder(index), chrono_data(config.data, windows, index)
+
+
 def submit_array(
     config: Config,
     profile: Profile,
