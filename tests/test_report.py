@@ -10,7 +10,7 @@ import pytest
 from helpers.plots import assert_png
 
 from aidetect.cluster.report import cv_report, wandb_values
-from aidetect.metrics import Predictions, compute_metrics
+from aidetect.metrics import Predictions, compute_metrics, report_metrics
 from aidetect.plots import report_plots
 
 
@@ -30,8 +30,9 @@ def predictions(seed: int, fakes: dict[str, int], reals: int = 8, sources: bool 
 
 
 def write_fold(run: Path, fold: int, predictions: Predictions, threshold: float | None = 0.4) -> dict:
-    """A fold's ``test_metrics.json`` as training writes it (the threshold keys unless ``threshold`` is None)."""
-    metrics = compute_metrics(predictions)
+    """A fold's ``test_metrics.json`` as training writes it (with intervals and the threshold keys), or as older
+    runs wrote it (neither) when ``threshold`` is None."""
+    metrics = compute_metrics(predictions) if threshold is None else report_metrics(predictions)
     if threshold is not None:
         at_threshold = compute_metrics(predictions, threshold)
         metrics |= {
@@ -62,9 +63,13 @@ def test_per_source_tables_are_aggregated_across_folds(tmp_path: Path) -> None:
     for name, entry in table["sources"].items():
         entries = [fold["per_source"]["sources"][name] for fold in folds if name in fold["per_source"]["sources"]]
         assert entry["folds"] == len(entries) == (2 if name == "mj" else 3)
-        assert set(entry["mean"]) == set(entry["std"]) == set(entries[0])
-        for key in entries[0]:
+        assert set(entry["mean"]) == set(entry["std"]) == set(entries[0]) - {"intervals"}
+        for key in entry["mean"]:
             assert_mean_std(entry, key, [e[key] for e in entries])
+        for key, bounds in entry["intervals"].items():  # each bound averaged over the folds
+            assert bounds == pytest.approx(np.mean([e["intervals"][key] for e in entries], axis=0))
+    for key in ("accuracy", "balanced_accuracy", "auroc", "ap"):
+        assert summary["intervals"][key] == pytest.approx(np.mean([fold["intervals"][key] for fold in folds], axis=0))
     assert set(table["sources"]["sd"]["mean"]) == {"n", "accuracy", "fake_accuracy", "auroc", "ap"}
     assert set(table["sources"]["photo"]["mean"]) == {"n", "accuracy", "real_accuracy"}
     assert table["sources"]["sd"]["std"]["n"] == pytest.approx(1.0)  # 6, 7, 5 fakes
@@ -88,7 +93,7 @@ def test_folds_without_a_per_source_table_are_skipped(tmp_path: Path) -> None:
     summary = cv_report(run)
     assert summary["n_folds"] == 2 and summary["per_source"]["n_folds"] == 1
     sd = summary["per_source"]["sources"]["sd"]
-    assert sd["folds"] == 1 and sd["mean"] == new["per_source"]["sources"]["sd"]
+    assert sd["folds"] == 1 and sd["mean"] | {"intervals": sd["intervals"]} == new["per_source"]["sources"]["sd"]
     assert set(sd["std"].values()) == {0.0}
     assert "val_threshold" not in summary["mean"] and "accuracy" in summary["mean"]
     assert_png(run / "cv_per_source.png")
@@ -105,7 +110,7 @@ def test_folds_without_a_per_source_table_are_skipped(tmp_path: Path) -> None:
 @pytest.mark.parametrize("generators", [1, 19])
 def test_report_plots_writes_the_per_source_plot(tmp_path: Path, generators: int) -> None:
     with_sources = predictions(0, {f"generator-{k}": 3 for k in range(generators)})
-    paths = report_plots(with_sources, compute_metrics(with_sources), tmp_path, "test")
+    paths = report_plots(with_sources, report_metrics(with_sources), tmp_path, "test")  # bars with intervals
     assert paths["per_source"] == tmp_path / "test_per_source.png"
     assert_png(paths["per_source"])
     without = predictions(0, {"sd": 3}, sources=False)

@@ -30,8 +30,9 @@ RUN_FOLDERS = {"source": "holdout-*/config.yaml", "time": "time-*/config.yaml"} 
 
 def cv_report(run: Path) -> dict[str, Any]:
     """``RUN/cv_summary.json``: ``folds`` (each fold's test metrics), ``mean`` and ``std`` of every key of
-    ``METRIC_KEYS`` and of the validation-threshold keys that every fold has, and ``per_source`` (see
-    ``per_source_summary``) when a fold has a per-source table; plots ``cv_summary.png`` and
+    ``METRIC_KEYS`` and of the validation-threshold keys that every fold has, ``intervals`` (``fold_intervals``)
+    when the folds have bootstrap intervals, and ``per_source`` (see ``per_source_summary``) when a fold has a
+    per-source table; plots ``cv_summary.png`` and
     ``cv_per_source.png``, and logs all of it to wandb. A leave-one-source-out run: ``holdout_report``; a
     chronological one: ``time_report``."""
     kind = cv_kind(run)
@@ -44,7 +45,8 @@ def cv_report(run: Path) -> dict[str, Any]:
     missing = [f"fold{k}" for k in range(expected or 0) if f"fold{k}" not in results]
     rows = list(results.values())
     keys = [key for key in METRIC_KEYS + THRESHOLD_KEYS if all(key in row for row in rows)]  # older runs lack some
-    summary = {"n_folds": len(results), "missing": missing} | mean_std(rows, keys) | {"folds": results}
+    summary = {"n_folds": len(results), "missing": missing} | mean_std(rows, keys) | fold_intervals(rows)
+    summary["folds"] = results
     tables = [row["per_source"] for row in rows if "per_source" in row]  # older runs have none
     if tables:
         summary["per_source"] = per_source_summary(tables)
@@ -107,6 +109,8 @@ def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
     for source in folders:
         metrics = json.loads((folders[source] / "test_metrics.json").read_text())
         rows[source] = {key: metrics[key] for key in (*HOLDOUT_COLUMNS, "real", "fake")}
+        if "intervals" in metrics:  # each run's own test set: its own bootstrap intervals
+            rows[source]["intervals"] = {key: metrics["intervals"][key] for key in HOLDOUT_COLUMNS}
         rows[source]["folder"] = folders[source].name
     values = {key: np.array([row[key] for row in rows.values()], dtype=float) for key in HOLDOUT_COLUMNS}
     return {
@@ -184,11 +188,24 @@ def mean_std(rows: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, dict[
     }
 
 
+def fold_intervals(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{"intervals": {key: [low, high]}}``: each key's bootstrap interval averaged over the folds (rows) that
+    have ``intervals``, bound by bound; ``{}`` when none has. Every fold tests on the same test split, so the
+    test-sampling uncertainty of the mean over folds is about that of one fold (averaging the folds does not
+    narrow it): this is the typical per-run interval, while ``std`` is the spread training gives."""
+    found = [row["intervals"] for row in rows if "intervals" in row]
+    if not found:
+        return {}
+    keys = dict.fromkeys(key for intervals in found for key in intervals)
+    return {"intervals": {key: np.mean([i[key] for i in found if key in i], axis=0).tolist() for key in keys}}
+
+
 def per_source_summary(tables: list[dict[str, Any]]) -> dict[str, Any]:
     """Folds' per-source tables (``compute_metrics(...)["per_source"]``) across folds::
 
         {"n_folds": folds with a table,
-         "sources": {source: {"folds": folds it appears in, "mean": {key: ...}, "std": {key: ...}}},
+         "sources": {source: {"folds": folds it appears in, "mean": {key: ...}, "std": {key: ...},
+                              "intervals": {key: [low, high]} (``fold_intervals``, where the folds have them)}},
          "mean": {"fake_accuracy_mean": ..., "fake_accuracy_min": ...}, "std": {...}}
 
     where a source's keys are every key of its entries (n, accuracy, fake_accuracy, auroc, ap,
@@ -197,7 +214,8 @@ def per_source_summary(tables: list[dict[str, Any]]) -> dict[str, Any]:
     sources = {}
     for name in names:
         entries = [table["sources"][name] for table in tables if name in table["sources"]]
-        sources[name] = {"folds": len(entries)} | mean_std(entries, dict.fromkeys(k for e in entries for k in e))
+        keys = dict.fromkeys(key for entry in entries for key in entry if key != "intervals")
+        sources[name] = {"folds": len(entries)} | mean_std(entries, keys) | fold_intervals(entries)
     overall = mean_std(tables, ("fake_accuracy_mean", "fake_accuracy_min"))
     return {"n_folds": len(tables), "sources": sources} | overall
 
