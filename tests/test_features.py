@@ -94,6 +94,7 @@ def test_two_processes_extract_the_bytes_one_does(tiny_pack: Path, cache: Path, 
     result = torchrun("features", "--data", str(tiny_pack), "--out", str(tmp_path / "two"), *EXTRACT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rank 0 wrote" in result.stdout and "rank 1 wrote" in result.stdout
+    assert result.stdout.count(" wrote ") == len(read_manifest(tiny_pack)["shards"])  # each shard once
     assert_same_bytes(cached(cache), cached(tmp_path / "two"))
 
 
