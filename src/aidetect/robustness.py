@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aidetect import plots
+from aidetect.calibration import CALIBRATION
 from aidetect.config import Config
 from aidetect.data.degrade import Perturbation
 from aidetect.fileio import atomic_write_json
@@ -15,14 +16,17 @@ from aidetect.tracking import Tracker
 
 # Metrics whose drop under a perturbation the report gives, overall and (where a source has them) per source.
 DROP_KEYS = ("accuracy", "balanced_accuracy", "auroc", "ap", "real_accuracy", "fake_accuracy")
-ROBUSTNESS_COLUMNS = ["perturbation", "kind", "strength", *DROP_KEYS, *(f"{key}_drop" for key in DROP_KEYS)]
+# The table's columns: each evaluation's DROP_KEYS and calibration figures (ECE, NLL, Brier), then its drops.
+SHOWN_KEYS = (*DROP_KEYS, *CALIBRATION)
+ROBUSTNESS_COLUMNS = ["perturbation", "kind", "strength", *SHOWN_KEYS, *(f"{key}_drop" for key in DROP_KEYS)]
 
 
 def robustness_report(split: str, clean: dict[str, Any], perturbed: dict[Perturbation, dict]) -> dict[str, Any]:
     """What ``evaluate --perturb`` writes to robustness.json::
 
         {"split": SPLIT,
-         "clean": metrics of the clean evaluation (as eval_SPLIT.json: every metric and per_source),
+         "clean": metrics of the clean evaluation (as eval_SPLIT.json: every metric, its intervals, the
+                  calibration figures and per_source),
          "perturbations": {name ("none", "jpeg:50", "blur:2", "downscale:0.5"; in the order given): {
              "kind": "none" | "jpeg" | "blur" | "downscale",
              "strength": JPEG quality, blur sigma in px or downscale factor (0.0 for none),
@@ -57,14 +61,14 @@ def robustness_rows(report: dict[str, Any]) -> list[list[Any]]:
     clean = {"kind": "none", "strength": 0.0, "metrics": report["clean"], "drop": dict.fromkeys(DROP_KEYS, 0.0)}
     entries = {"clean": clean} | report["perturbations"]
     return [
-        [name, e["kind"], e["strength"], *(e["metrics"][k] for k in DROP_KEYS), *(e["drop"][k] for k in DROP_KEYS)]
+        [name, e["kind"], e["strength"], *(e["metrics"][k] for k in SHOWN_KEYS), *(e["drop"][k] for k in DROP_KEYS)]
         for name, e in entries.items()
     ]
 
 
 def format_robustness(report: dict[str, Any]) -> str:
-    """Accuracy and AUROC of each evaluation and their drop vs clean, one aligned line each."""
-    shown = ("accuracy", "accuracy_drop", "auroc", "auroc_drop")
+    """Accuracy and AUROC of each evaluation and their drop vs clean, and its ECE, one aligned line each."""
+    shown = ("accuracy", "accuracy_drop", "auroc", "auroc_drop", "ece")
     lines = [f"{'perturbation':<16}" + "".join(f"{column:>15}" for column in shown)]
     for row in robustness_rows(report):
         values = dict(zip(ROBUSTNESS_COLUMNS, row, strict=True))
