@@ -4,8 +4,8 @@ Work is resumable at shard granularity: each shard is written under a temporary 
 when complete, and its record (which files it holds, what was skipped and why, its sha256) goes to
 ``OUT/.pack-state/``. A re-run after an interruption keeps every complete shard and redoes the rest,
 and because encoding and tar headers are deterministic the result is byte-identical. The manifest is
-written last, atomically, and lists every file under SRC as packed, repaired or skipped, and every
-shard's size and sha256. A re-run on a finished pack checks each shard against them and rewrites,
+written last, atomically, and lists every file under SRC (or in its list) as packed, repaired or skipped,
+and every shard's size and sha256. A re-run on a finished pack checks each shard against them and rewrites,
 byte-identically, any shard damaged since (e.g. by a truncated copy).
 """
 
