@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.commands import ONE_THREAD, run_cli, signal_group_at, torchrun
-from helpers.slurm import hosts_of_ranks
+from helpers.slurm import hosts_of_ranks, submit_cli
 from helpers.training import weights
 
 from aidetect.data.manifest import read_manifest
@@ -207,3 +207,19 @@ def test_srun_over_two_hosts_extracts_the_bytes_one_process_does(
     hosts = hosts_of_ranks(log)
     assert len(hosts) == 2 and set(hosts) <= set(nodes), hosts
     assert_same_bytes(cached(cache), cached(out))
+
+
+@pytest.mark.slurm
+@pytest.mark.multinode
+def test_submit_features_over_two_hosts_then_cv_on_the_cache(tiny_pack: Path, cache: Path, tmp_path: Path) -> None:
+    features, run = tmp_path / "features", tmp_path / "cv"
+    job = ["--profile", "local", "--wait", "--data", str(tiny_pack)]
+    result = submit_cli("features", *job, "--nodes", "2", "--tasks-per-node", "1", "--out", str(features), *EXTRACT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((features / "jobs.json").read_text())["kind"] == "features"
+    assert_same_bytes(cached(cache), cached(features))
+    result = submit_cli("cv", *job, "--folds", "2", "--features", str(features), "--out", str(run), *PROBE)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert summary["n_folds"] == 2 and not summary["missing"]
+    assert all(f"features: {features}" in (run / f"fold{k}" / "config.yaml").read_text() for k in range(2))

@@ -194,8 +194,20 @@ def features_arguments(parser: argparse.ArgumentParser) -> None:
     from aidetect.config import add_config_options
 
     add_config_options(parser)  # --out: the cache folder
-    parser.add_argument("--layers", help="also each of these ViT blocks' CLS token (1-based, e.g. 4,8,12)")
+    add_layers(parser)
     parser.set_defaults(handler=run_features)
+
+
+def add_layers(parser: argparse.ArgumentParser) -> None:
+    """``--layers`` of ``features`` and ``submit features`` (``parse_layers`` reads it back)."""
+    parser.add_argument("--layers", help="also each of these ViT blocks' CLS token (1-based, e.g. 4,8,12)")
+
+
+def parse_layers(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(",")) if text else ()
+    except ValueError:
+        raise UserError(f"--layers {text}: expected block numbers separated by commas, e.g. 4,8,12") from None
 
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +283,7 @@ def submit_arguments(parser: argparse.ArgumentParser) -> None:
         {
             "train": ("one training run", submit_train_arguments),
             "cv": ("K folds as one parallel job array", submit_cv_arguments),
+            "features": ("a feature cache (aidetect features) as one job", submit_features_arguments),
         },
     )
 
@@ -295,6 +308,15 @@ def submit_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_job_options(parser)
     add_config_options(parser)
+    parser.set_defaults(handler=run_submit)
+
+
+def submit_features_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.config import add_config_options
+
+    add_job_options(parser)
+    add_config_options(parser)  # --out: the cache folder
+    add_layers(parser)
     parser.set_defaults(handler=run_submit)
 
 
@@ -515,7 +537,7 @@ def run_features(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise UserError("features: --out FOLDER is required, the folder of the feature cache")
-    layers = tuple(int(k) for k in args.layers.split(",")) if args.layers else ()
+    layers = parse_layers(args.layers)
     config = config_from_args(args)
     set_cuda_environment(config.train.deterministic)
     done = extract_features(config, config.train.out, layers)
@@ -580,7 +602,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_submit(args: argparse.Namespace) -> int:
     from aidetect.cluster.profiles import load_profile
-    from aidetect.cluster.submit import submit_chrono, submit_cv, submit_holdout, submit_train, wait
+    from aidetect.cluster.submit import submit_chrono, submit_cv, submit_features, submit_holdout, submit_train, wait
     from aidetect.config import config_from_args
     from aidetect.data.pack import PackSettings
 
@@ -596,6 +618,8 @@ def run_submit(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.job == "train":
         jobs = submit_train(config, profile, args.nodes, tasks)
+    elif args.job == "features":
+        jobs = submit_features(config, profile, args.nodes, tasks, parse_layers(args.layers))
     elif args.window is not None and args.by != "time":
         raise UserError("--window applies to --by time")
     elif args.by == "source":

@@ -1,4 +1,4 @@
-"""``aidetect submit train|cv``: submitit jobs on SLURM (or local processes), kept apart from training.
+"""``aidetect submit train|cv|features``: submitit jobs on SLURM (or local processes), kept apart from training.
 
 A job runs ``aidetect.train.train`` unchanged, with the distributed environment taken from submitit
 (``TorchDistributedEnvironment``) and ``train.resume: auto``. Before a time limit or preemption SLURM
@@ -6,7 +6,9 @@ signals the tasks (``--signal=USR2@signal_delay_s``); training stops at a step a
 saves ``last.pt`` with its position, and rank 0 requeues the job (up to ``max_requeues`` times),
 which resumes from there. Cross-validation submits the folds as one job array that runs in parallel;
 leave-one-source-out (``--by source``) submits one task per fake source of the pack the same way, and
-the chronological protocol (``--by time``) one task per window of generators by release date.
+the chronological protocol (``--by time``) one task per window of generators by release date. A feature
+extraction job (``submit features``) runs ``aidetect.features.extract_features`` the same way; with
+``--features`` (``data.features``) every run of a cross-validation trains a probe on that cache.
 """
 
 from __future__ import annotations
@@ -45,8 +47,6 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        from aidetect.train import train
-
         keep_freed_memory()  # this process starts here, not in aidetect.cli.main
         set_cuda_environment(config["train"]["deterministic"])  # before any CUDA work, as aidetect.cli's train
         environment = submitit.JobEnvironment()
@@ -56,7 +56,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         if cpus:  # one task's share of the node, not every core
             torch.set_num_threads(int(cpus))
         try:
-            return train(build(Config, config, ""))
+            return self.run(build(Config, config, ""))
         except UserError:
             raise  # bad input fails again: never requeued
         except Exception as exc:
@@ -71,6 +71,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 sys.stderr.flush()
                 os._exit(status)
             raise
+
+    def run(self, config: Config) -> dict[str, Any]:
+        from aidetect.train import train
+
+        return train(config)
 
     def requeue(self, environment: submitit.JobEnvironment, status: int, any_rank: bool) -> bool:
         """Put the job back in the queue when the rule of ``aidetect.preemption`` says so; False: not requeued.
@@ -93,6 +98,20 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, config: dict[str, Any]) -> submitit.helpers.DelayedSubmission:
         """submitit's own timeout path (a signal before training started): resubmit as is; resume is auto."""
         return submitit.helpers.DelayedSubmission(self, config)
+
+
+class FeaturesJob(TrainJob):
+    """What runs in every task of a feature extraction job (``submit features``): ``extract_features`` into
+    ``train.out``, requeued as training is when stopped by a signal (the rerun skips the shards written)."""
+
+    def __init__(self, max_requeues: int, layers: tuple[int, ...]) -> None:
+        super().__init__(max_requeues)
+        self.layers = layers
+
+    def run(self, config: Config) -> dict[str, Any]:
+        from aidetect.features import extract_features
+
+        return extract_features(config, config.train.out, self.layers)
 
 
 def make_executor(profile: Profile, folder: Path, nodes: int, tasks_per_node: int, name: str) -> submitit.Executor:
@@ -141,6 +160,20 @@ def submit_train(config: Config, profile: Profile, nodes: int, tasks_per_node: i
     executor = make_executor(profile, run / "submitit", nodes, tasks_per_node, f"aidetect-{run.name}")
     job = executor.submit(TrainJob(profile.max_requeues), to_dict(config))
     record(run, "train", [job], profile)
+    return [job]
+
+
+def submit_features(
+    config: Config, profile: Profile, nodes: int, tasks_per_node: int, layers: tuple[int, ...]
+) -> list[submitit.Job]:
+    """One job extracting the feature cache of ``config`` (``aidetect features``) into ``train.out``, its
+    shards spread over every task of the job."""
+    config = prepare(config, profile)
+    out = Path(config.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(profile, out / "submitit", nodes, tasks_per_node, f"aidetect-features-{out.name}")
+    job = executor.submit(FeaturesJob(profile.max_requeues, layers), to_dict(config))
+    record(out, "features", [job], profile)
     return [job]
 
 
