@@ -26,11 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from aidetect.backbones import Preprocess
 from aidetect.checkpoint import Checkpoint, load_checkpoint
 from aidetect.data.loader import normalize_batch
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json, replaced_atomically
-from aidetect.inference import model_from_checkpoint
+from aidetect.inference import checkpoint_preprocess, model_from_checkpoint
 from aidetect.scores import checkpoint_facts
 
 FORMAT = "aidetect-export/1"
@@ -41,15 +42,16 @@ TRACED_BATCH, CHECKED_BATCH = 2, 3  # the check runs another batch size than the
 
 
 class Deployed(nn.Module):
-    """uint8 N x S x S x 3 RGB images -> N logits: the loader's normalisation, then ``model``. Keep it in eval
-    mode: exporters put a module back in the mode it was in, and train mode reaches the model's BatchNorm."""
+    """uint8 N x S x S x 3 RGB images -> N logits: the loader's normalisation with ``preprocess``'s mean and
+    std, then ``model``. Keep it in eval mode: exporters put a module back in the mode it was in, and train
+    mode reaches the model's BatchNorm."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.mean, self.std = model, preprocess.mean, preprocess.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(normalize_batch(images))
+        return self.model(normalize_batch(images, mean=self.mean, std=self.std))
 
 
 def export(checkpoint_path: str | Path, file_format: str, out: str | Path | None = None) -> Path:
@@ -62,7 +64,7 @@ def export(checkpoint_path: str | Path, file_format: str, out: str | Path | None
     checkpoint = load_checkpoint(checkpoint_path)
     path = Path(out) if out else Path(checkpoint_path).with_suffix(SUFFIXES[file_format])
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = Deployed(model_from_checkpoint(checkpoint, torch.device("cpu"))).eval()
+    model = Deployed(model_from_checkpoint(checkpoint, torch.device("cpu")), checkpoint_preprocess(checkpoint)).eval()
     side = input_side(checkpoint)
     with replaced_atomically(path) as tmp, quiet_tracing():
         WRITERS[file_format](model, torch.zeros((TRACED_BATCH, side, side, 3), dtype=torch.uint8), tmp)
@@ -81,7 +83,7 @@ def input_side(checkpoint: Checkpoint) -> int:
 @contextlib.contextmanager
 def quiet_tracing() -> Iterator[None]:
     """Without the tracer's notes that torch prints for every export: the deprecation of the TorchScript
-    paths and the ImageNet constants that ``normalize_batch`` makes (constants of the graph, as meant)."""
+    paths and the mean and std that ``normalize_batch`` makes tensors of (constants of the graph, as meant)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

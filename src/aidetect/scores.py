@@ -5,8 +5,8 @@ Columns (``SCHEMA``), one row per image of the split, each image exactly once, s
 ``key`` (the pack's sample key), ``path`` (the original file's path, relative to the folder the pack was
 made from: ``source_root`` below), ``source``, ``label`` (1 = fake), ``logit`` (the model's raw output),
 ``prob_fake`` (the calibrated probability sigmoid(logit / T), T the checkpoint's temperature, 1 without
-one; in float32, so without a temperature it is the probability the metrics were computed from) and
-``crop_logits`` (each crop's logit when the evaluation combined several crops; null otherwise).
+one: ``calibration.apply_temperature``) and ``crop_logits`` (each crop's logit when the evaluation
+combined several crops; null otherwise).
 
 File-level metadata (``scores_metadata``): the format tag, the split, the checkpoint's path and sha256,
 the pack's path, its manifest's sha256 and source root, the model name, the preprocessing (the pack's
@@ -25,17 +25,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-import torch
 
+from aidetect.calibration import apply_temperature
 from aidetect.checkpoint import Checkpoint
 from aidetect.data.integrity import sha256_file
 from aidetect.data.manifest import read_manifest
 from aidetect.data.packformat import MANIFEST
 from aidetect.data.shardfile import keyed_records
-from aidetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aidetect.errors import UserError
 from aidetect.fileio import replaced_atomically
 from aidetect.metrics import Predictions
+from aidetect.models import preprocess_of
 
 FORMAT = "aidetect-scores/1"
 FORMATS = ("parquet", "csv")
@@ -55,18 +55,10 @@ SCHEMA = pa.schema(
 
 def preprocessing(checkpoint: Checkpoint) -> dict[str, Any]:
     """How the model's inputs are made: the pack's settings and the crop (the checkpoint's), and the mean and
-    std the loader normalises [0, 1] pixels with (the checkpoint's when it records them)."""
-    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)} | checkpoint.preprocess
-
-
-def temperature_of(checkpoint: Checkpoint) -> float | None:
-    """The checkpoint's calibration temperature; None when it has none."""
-    return getattr(checkpoint, "temperature", None)
-
-
-def calibrated(logits: list[float], temperature: float | None) -> list[float]:
-    """sigmoid(logit / T) of each logit, in float32 as the evaluation computes probabilities; T = 1 without one."""
-    return torch.sigmoid(torch.tensor(logits, dtype=torch.float32) / (temperature or 1.0)).tolist()
+    std the loader normalises [0, 1] pixels with for its model (``models.preprocess_of``)."""
+    model = checkpoint.config.model
+    normalisation = preprocess_of(model.name, model.input_size)
+    return checkpoint.preprocess | {"mean": list(normalisation.mean), "std": list(normalisation.std)}
 
 
 def checkpoint_facts(checkpoint_path: str | Path, checkpoint: Checkpoint) -> dict[str, Any]:
@@ -78,7 +70,7 @@ def checkpoint_facts(checkpoint_path: str | Path, checkpoint: Checkpoint) -> dic
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "model": checkpoint.config.model.name,
         "preprocess": preprocessing(checkpoint),
-        "temperature": temperature_of(checkpoint),
+        "temperature": checkpoint.temperature,
         "threshold": checkpoint.state.best.get("threshold"),
     }
 
@@ -112,7 +104,7 @@ def scores_table(
     if len(set(predictions.keys)) != len(predictions.keys):
         raise ValueError("an image was scored more than once")
     order = sorted(range(len(predictions.keys)), key=predictions.keys.__getitem__)
-    probabilities = calibrated(predictions.logits, metadata["temperature"])
+    probabilities = apply_temperature(predictions.logits, metadata["temperature"]).tolist()
     columns = {
         "key": predictions.keys,
         "path": [paths[key] for key in predictions.keys],
