@@ -4,6 +4,7 @@ real image files packed, each sample's class, source and split read back from th
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from helpers.commands import run_cli
 from PIL import Image
 
 from aidetect.data.layouts import detect_layout
-from aidetect.data.manifest import sample_records
+from aidetect.data.manifest import chrono_windows, read_manifest, sample_records
 from aidetect.data.pack import PackSettings, pack
 from aidetect.errors import UserError
 
@@ -165,3 +166,21 @@ def test_ambiguous_trees_and_a_wrong_layout_are_refused(tmp_path: Path) -> None:
     manifest, records = packed(tmp_path / "src", tmp_path / "out", settings)
     assert manifest["source"]["layout"] == "genimage" and list(records) == ["sd/train/ai/b.png"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["layout"] == "genimage"
+
+
+def test_dates_given_later_are_recorded_without_packing_again(tmp_path: Path) -> None:
+    genimage_tree(tmp_path / "genimage")
+    out = tmp_path / "out"
+    pack(tmp_path / "genimage", out, SETTINGS, workers=1, progress=False)
+    with pytest.raises(UserError, match="no release date for fake source biggan, sdv14; pack again with --source"):
+        chrono_windows(out, 1)
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    dates = tmp_path / "dates.csv"
+    dates.write_text("source,date\nsdv14,22-08\n")
+    with pytest.raises(UserError, match=r"dates\.csv: line 2: date '22-08' is not a date YYYY-MM-DD or YYYY-MM"):
+        pack(tmp_path / "genimage", out, replace(SETTINGS, source_dates=str(dates)), workers=1, progress=False)
+    dates.write_text("source,date\nsdv14,2022-08-22\nbiggan,2018-09\nunused,2020-01\n")
+    again = pack(tmp_path / "genimage", out, replace(SETTINGS, source_dates=str(dates)), workers=1, progress=False)
+    assert "run" not in again and read_manifest(out)["source_dates"] == {"biggan": "2018-09", "sdv14": "2022-08-22"}
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == written
+    assert chrono_windows(out, 1) == [["biggan"], ["sdv14"]]

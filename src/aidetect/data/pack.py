@@ -48,6 +48,9 @@ from aidetect.parallel import parallel_imap
 from aidetect.preemption import Stopped, StopRequest
 
 STATE_DIR = ".pack-state"
+# Settings that choose no shard's bytes: a finished pack run again with other values keeps its shards and
+# records the new values (e.g. the sources' release dates) in its manifest.
+RECORD_ONLY = ("layout", "source_dates")
 
 # What one pack worker may hold: one image decoded within --max-pixels, at this many bytes per pixel,
 # and a fixed margin. Measured as the rise of a forked worker's peak resident set while it decodes and
@@ -222,7 +225,8 @@ def pack(
     ``workers`` processes (default: one per core), fewer when the job's memory holds fewer (``workers_within``).
 
     On a finished pack, only shards that no longer match the manifest are rewritten (``run`` lists them as
-    ``restored``); when every shard matches, nothing is written and the manifest comes back without ``run``.
+    ``restored``); when every shard matches, no shard is written and the manifest comes back without ``run``
+    (rewritten only when ``RECORD_ONLY`` settings changed, see ``record_settings``).
     """
     started = time.perf_counter()
     settings.validate()
@@ -239,7 +243,7 @@ def pack(
         stale.unlink()
     run: dict[str, Any] = {}
     if (out / MANIFEST).exists():  # finished earlier with the same settings and files
-        manifest = finished_manifest(out, candidates, pre_skipped)
+        manifest = record_settings(out, finished_manifest(out, candidates, pre_skipped), settings, dates)
         todo = restore_damaged(out, manifest, plans, settings, workers, progress)
         if not todo:
             return manifest
@@ -254,6 +258,21 @@ def pack(
         shutil.rmtree(state)
     run |= {"processed": sum(len(p.files) for p in todo), "seconds": time.perf_counter() - started, "workers": workers}
     return manifest | {"run": run}
+
+
+def shard_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings that choose a shard's bytes: all but ``RECORD_ONLY``."""
+    return {key: value for key, value in settings.items() if key not in RECORD_ONLY}
+
+
+def record_settings(out: Path, manifest: dict[str, Any], settings: PackSettings, dates: dict[str, str]) -> dict:
+    """The finished pack's ``manifest`` with ``settings`` and the sources' ``dates`` as given now, rewritten
+    (atomically) when they differ: a re-run with other ``RECORD_ONLY`` settings updates what the pack records
+    and keeps every shard."""
+    updated = manifest | {"settings": asdict(settings), "source_dates": dates}
+    if updated != manifest:
+        atomic_write_json(out / MANIFEST, updated)
+    return updated
 
 
 def known_dates(scan: Scan, dates_file: str | None) -> dict[str, str]:
@@ -388,8 +407,9 @@ def check_out_dir(src: Path, out: Path, settings: PackSettings) -> None:
         example = foreign[0] if foreign else next(out.glob("*.tar")).name
         raise UserError(f"{out}: holds other data (e.g. {example}); choose an empty or new output folder")
     recorded = recorded_settings(out)
-    if recorded is not None and recorded != asdict(settings):
-        changed = sorted(k for k in recorded if recorded[k] != asdict(settings).get(k))
+    wanted = shard_settings(asdict(settings))
+    if recorded is not None and shard_settings(recorded) != wanted:
+        changed = sorted(k for k in wanted if recorded[k] != wanted[k])
         raise UserError(
             f"{out}: was packed with other settings ({', '.join(changed)}); "
             "re-run with the same options to resume, or choose a new output folder"
@@ -412,7 +432,7 @@ def shard_is_complete(out: Path, plan: ShardPlan, settings: PackSettings) -> boo
         return False
     sidecar = json.loads(sidecar_path.read_text())
     return (
-        sidecar["settings"] == asdict(settings)
+        shard_settings(sidecar["settings"]) == shard_settings(asdict(settings))
         and sidecar["planned"] == [f.relpath for f in plan.files]
         and sidecar["sha256"] == sha256_file(tar_path)
     )
