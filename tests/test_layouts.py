@@ -126,6 +126,12 @@ def test_bad_csv_rows_are_one_line_naming_the_line(tmp_path: Path, row: str, mes
         pack(tmp_path / "list.csv", tmp_path / "out", SETTINGS, workers=1, progress=False)
 
 
+def test_a_list_that_is_no_utf8_csv_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "list.csv").write_bytes(b"path,label\na.png,real\n\xff\xfe.png,fake\n")
+    with pytest.raises(UserError, match=r"list\.csv: not a UTF-8 CSV, near line"):
+        pack(tmp_path / "list.csv", tmp_path / "out", SETTINGS, workers=1, progress=False)
+
+
 def test_cli_reports_the_layout_it_found_and_rejects_unknown_trees(tmp_path: Path) -> None:
     genimage_tree(tmp_path / "genimage")
     found = run_cli("pack", str(tmp_path / "genimage"), str(tmp_path / "out"), "--mode", "crop", "--size", "32")

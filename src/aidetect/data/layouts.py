@@ -35,7 +35,7 @@ import yaml
 
 from aidetect.data.decode import SYSTEM_FILES
 from aidetect.data.packformat import CLASSES
-from aidetect.errors import UserError
+from aidetect.errors import UserError, first_line
 
 LAYOUTS = ("imagefolder", "kaggle", "genimage", "synthbuster", "csv")
 AUTO = "auto"
@@ -263,24 +263,34 @@ def scan_csv(path: Path) -> Scan:
     """The files a list names (see the module docstring), relative to its folder."""
     root = path.resolve().parent
     candidates, skipped, dates, seen = [], [], {}, set()
-    with open(path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        check_header(path, reader.fieldnames or [])
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}: line {line}"
-            file, date = csv_row(root, row, where)
-            if file.relpath in seen:
-                raise UserError(f"{where}: lists {file.relpath} a second time")
-            seen.add(file.relpath)
-            if date:
-                add_date(dates, file.source, date, where)
-            if Path(file.path).is_file():
-                candidates.append(file)
-            else:
-                skipped.append({"path": file.relpath, "reason": f"not found (listed on line {line} of {path.name})"})
+    for line, row in csv_rows(path):
+        where = f"{path}: line {line}"
+        file, date = csv_row(root, row, where)
+        if file.relpath in seen:
+            raise UserError(f"{where}: lists {file.relpath} a second time")
+        seen.add(file.relpath)
+        if date:
+            add_date(dates, file.source, date, where)
+        if Path(file.path).is_file():
+            candidates.append(file)
+        else:
+            skipped.append({"path": file.relpath, "reason": f"not found (listed on line {line} of {path.name})"})
     if not seen:
         raise UserError(f"{path}: lists no files; one row per image: {','.join(CSV_COLUMNS)}")
     return Scan(candidates, skipped, "csv", root, dates)
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, row) of each row of a list after its checked header; ``UserError`` naming the line where the
+    file is no UTF-8 CSV."""
+    with open(path, newline="", encoding="utf-8-sig") as stream:
+        reader = csv.DictReader(stream)
+        try:
+            check_header(path, reader.fieldnames or [])
+            for row in reader:
+                yield reader.line_num, row
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise UserError(f"{path}: not a UTF-8 CSV, near line {reader.line_num + 1} ({first_line(exc)})") from None
 
 
 def check_header(path: Path, header: list[str]) -> None:
