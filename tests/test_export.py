@@ -5,6 +5,7 @@ with the model's own normalisation in the graph; the sidecar says how to feed th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def exported_logits(path: Path, images: np.ndarray) -> np.ndarray:
     if path.suffix == ".onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {"images": images})[0]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation note
         return torch.jit.load(str(path))(torch.from_numpy(images)).numpy()
 
 
