@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from aidetect.backbones import Preprocess
 from aidetect.errors import UserError
 from aidetect.metrics import Predictions, compute_metrics
-from aidetect.models import MODELS, build_model, count_parameters
+from aidetect.models import MODELS, build_model, count_parameters, preprocess_of
 
 
 def test_seed_models_are_the_original_architectures() -> None:
@@ -43,3 +44,12 @@ def test_metrics_from_known_predictions() -> None:
     assert metrics["precision"] == pytest.approx(2 / 3) and metrics["recall"] == pytest.approx(2 / 3)
     assert metrics["auroc"] == pytest.approx(5 / 6)  # 5 of the 6 (fake, real) pairs are ordered right
     assert metrics["loss"] == pytest.approx(0.5)
+
+
+def test_timm_backbones_give_one_logit_and_their_own_preprocessing() -> None:
+    vit, cnn = build_model("timm:test_vit", 32).eval(), build_model("timm:test_resnet", 48).eval()
+    with torch.no_grad():
+        assert vit(torch.randn(2, 3, 32, 32)).shape == (2,) and cnn(torch.randn(2, 3, 48, 48)).shape == (2,)
+    assert vit.preprocess == preprocess_of("timm:test_vit", 32) == Preprocess((0.5,) * 3, (0.5,) * 3, 32)
+    assert preprocess_of("timm:test_vit", None).side == 160  # timm's own side for fixed-size backbones
+    assert cnn.preprocess.side is None and preprocess_of("resnet18", None).side is None
