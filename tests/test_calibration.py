@@ -66,15 +66,16 @@ def test_a_run_calibrates_and_evaluate_and_predict_use_its_temperature(tiny_pack
     manifest = json.loads((tiny_pack / "manifest.json").read_text())
     raw = Path(manifest["source"]["path"])
     files = [str(raw / path) for shard in manifest["shards"] if shard["split"] == "test" for path in shard["paths"]]
-    uncalibrated = tmp_path / "uncalibrated.pt"  # the same model without its temperature
-    save_checkpoint(uncalibrated, replace(load_checkpoint(run / "best.pt"), temperature=None))
-    raw_rows = predicted_rows(uncalibrated, tmp_path, files)
-    rows = predicted_rows(run / "best.pt", tmp_path, files, "--unsure", "0.4,0.6")
+    best = load_checkpoint(run / "best.pt")  # the same model without a temperature and with T = 3
+    save_checkpoint(tmp_path / "uncalibrated.pt", replace(best, temperature=None))
+    save_checkpoint(tmp_path / "hotter.pt", replace(best, temperature=3.0))
+    raw_rows = predicted_rows(tmp_path / "uncalibrated.pt", tmp_path, files)
+    rows = predicted_rows(tmp_path / "hotter.pt", tmp_path, files, "--unsure", "0.3,0.7")
     probabilities = np.array([float(row["prob_fake"]) for row in rows])
     raw_probabilities = np.array([float(row["prob_fake"]) for row in raw_rows])
-    assert probabilities == pytest.approx(apply_temperature(logits_of(raw_probabilities), temperature), abs=1e-4)
-    band = (probabilities >= 0.4) & (probabilities <= 0.6)
-    assert [row["label"] == "unsure" for row in rows] == band.tolist()
+    assert probabilities == pytest.approx(apply_temperature(logits_of(raw_probabilities), 3.0), abs=1e-4)
+    band = (probabilities >= 0.3) & (probabilities <= 0.7)
+    assert band.any() and [row["label"] == "unsure" for row in rows] == band.tolist()
     assert [row["label"] for row in raw_rows] == ["fake" if p >= 0.5 else "real" for p in raw_probabilities]
     bad = run_cli("predict", str(run / "best.pt"), *files, "--unsure", "0.6,0.4")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--unsure" in bad.stderr

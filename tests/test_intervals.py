@@ -46,6 +46,13 @@ def test_intervals_hold_the_point_estimate_are_seeded_and_narrow_with_more_sampl
         assert more[key][1] - more[key][0] < (found[key][1] - found[key][0]) / 2  # about 1/sqrt(10) as wide
 
 
+def test_a_proportion_gets_the_95_percent_interval_of_its_standard_error() -> None:
+    correct = np.random.default_rng(3).random(2000) < 0.8  # 2000 fakes, about 80 % called fake
+    low, high = bootstrap_intervals(np.where(correct, 0.9, 0.1), np.ones(2000))["overall"]["fake_accuracy"]
+    share = correct.mean()
+    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(share * (1 - share) / 2000), rel=0.1)
+
+
 def test_the_per_source_table_shows_intervals_and_flags_a_source_with_few_images() -> None:
     values, labels = scores(300)
     sources = np.where(labels == 0, "photo", "sd").astype(object)
