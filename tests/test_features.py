@@ -140,6 +140,9 @@ def test_a_changed_pack_is_refused_in_one_line(tiny_pack: Path, cache: Path, tmp
     for result in (train, again):
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
         assert changed["name"] in result.stderr and "the pack changed; extract again" in result.stderr
+    other = run_cli("train", "--data", str(tiny_pack), "--features", str(cache), "--out", str(tmp_path / "other"),
+                    *PROBE, "--model", "timm:test_vit2")  # fmt: skip
+    assert other.returncode == 2 and "features of timm:test_vit, not of model.name timm:test_vit2" in other.stderr
 
 
 def test_a_probe_on_the_cache_trains_as_on_the_images(tiny_pack: Path, probe_run: Path, tmp_path: Path) -> None:

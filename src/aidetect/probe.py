@@ -100,9 +100,13 @@ def check_complete(cache: str | Path, pack: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_probe_config(config: Config) -> None:
-    """``UserError`` for options that act on images, which a feature cache no longer has."""
-    data = config.data
+def check_cache(config: Config, pack: str | Path) -> None:
+    """``UserError`` (one line) unless ``data.features`` is a finished cache of pack ``pack`` extracted with
+    ``model.name``, and the config sets no option that acts on images, which the cache no longer has."""
+    cache, data = config.data.features, config.data
+    manifest = check_complete(cache, pack)
+    if manifest["model"] != config.model.name:
+        raise UserError(f"{cache}: features of {manifest['model']}, not of model.name {config.model.name}; set it")
     for key, value in {"noise_std": data.noise_std, "blur_prob": data.blur_prob, "jpeg_prob": data.jpeg_prob}.items():
         if value:
             raise UserError(f"data.features: data.{key} acts on images, the cache holds features; set it to 0")

@@ -55,7 +55,7 @@ from aidetect.metrics import (
     val_threshold,
 )
 from aidetect.preemption import Stopped, StopRequest
-from aidetect.probe import check_complete, check_probe_config, features_loader, probe_model
+from aidetect.probe import check_cache, features_loader, probe_model
 from aidetect.scores import save_scores
 from aidetect.tracking import Tracker
 
@@ -408,8 +408,7 @@ def check_inputs(config: Config, shards: str, device: torch.device) -> None:
     if config.data.decode == "gpu" and device.type != "cuda":
         raise UserError(f"data.decode gpu needs a CUDA device; this process runs on {device}: set cpu")
     if config.data.features:
-        check_complete(config.data.features, shards)
-        check_probe_config(config)
+        check_cache(config, shards)
 
 
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
