@@ -127,6 +127,7 @@ def test_bad_names_tunes_and_a_pack_under_the_input_side_are_one_line(tiny_pack:
     check("timm has no such model", **{"model.name": "timm:no_such_net"})
     check("model.tune must be full, probe, last:N", **{"model.name": f"timm:{VIT}", "model.tune": "last:0"})
     check("model.tune lora needs a timm backbone", **{"model.tune": "lora"})
+    check("config key model.input_size must be positive, got 0", **{"model.name": f"timm:{VIT}", "model.input_size": 0})
     check(
         f"{tiny_pack}: packed at 32 px, under the 160 px input side of timm:{VIT}; repack it with --size 160, "
         "or set model.input_size=32",

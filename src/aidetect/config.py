@@ -289,7 +289,7 @@ def validate(config: Config) -> None:
         "optim.lr": config.optim.lr,
         "train.dist_timeout_s": config.train.dist_timeout_s,
         "model.lora_rank": config.model.lora_rank,
-        "model.input_size": config.model.input_size or 1,
+        "model.input_size": 1 if config.model.input_size is None else config.model.input_size,
     }
     for key, value in positive.items():
         if value <= 0:
