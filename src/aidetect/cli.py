@@ -212,7 +212,7 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from aidetect.inference import evaluate
-    from aidetect.scores import FORMATS
+    from aidetect.scores import COMBINE, FORMATS
 
     default = defaults_of(evaluate)
     parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
@@ -236,6 +236,13 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=default["scores_format"],
         help="file of the per-image scores, scores_SPLIT.FORMAT",
     )
+    parser.add_argument(
+        "--crops",
+        type=int,
+        default=default["crops"],
+        help="crops of the model's side tiled over each stored image (native packs), their logits combined",
+    )
+    parser.add_argument("--combine", choices=COMBINE, default=default["combine"], help="of each image's crop logits")
     parser.set_defaults(handler=run_evaluate)
 
 
@@ -563,6 +570,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         perturbations=perturbations,
         scores_format=args.scores_format,
+        crops=args.crops,
+        combine=args.combine,
     )
     print(json.dumps(metrics, indent=1))
     if report:

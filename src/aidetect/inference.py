@@ -45,7 +45,7 @@ from aidetect.metrics import Predictions, report_metrics
 from aidetect.models import preprocess_of
 from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
-from aidetect.scores import save_scores
+from aidetect.scores import check_crops, over_crops, save_scores
 from aidetect.train import build_trained_model
 
 
@@ -73,6 +73,8 @@ def evaluate(
     workers: int = 2,
     perturbations: Sequence[Perturbation] = (),
     scores_format: str = "parquet",
+    crops: int = 1,
+    combine: str = "mean",
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Metrics of a checkpoint on one split, as one process or under torchrun; returns (the clean metrics,
     the robustness report or None without ``perturbations``) on every rank.
@@ -81,17 +83,19 @@ def evaluate(
     ``scores_format``; ``aidetect.scores``) of the clean evaluation, and with ``perturbations``
     OUT/robustness.json (``robustness_report``) and robustness.png, and logs them to wandb. The clean
     evaluation runs first, then one per perturbation (one given twice runs once), each through a loader
-    of the same settings. Nothing is written until every evaluation is done: a stop signal leaves no
-    partial result.
+    of the same settings. With ``crops`` N > 1, each evaluation reads the split N times, one tiled crop of
+    every image each time, and ``combine``s each image's N logits (``scores.over_crops``). Nothing is
+    written until every evaluation is done: a stop signal leaves no partial result.
     """
+    check_crops(crops, combine)
     checkpoint = load_checkpoint(checkpoint_path)
     check_preprocessing(data, checkpoint)
     info = setup_distributed(TrainConfig.dist_timeout_s)
     try:
         with StopRequest() as stop, peers_watched(info), memory_named(batch_size, info.device):
             evaluate_with = split_evaluator(checkpoint, data, split, batch_size, workers, info.device, stop)
-            predictions = evaluate_with(None)
-            evaluated = {p: evaluate_with(p) for p in dict.fromkeys(perturbations)}
+            predictions, crop_logits = over_crops(evaluate_with, None, crops, combine)
+            evaluated = {p: over_crops(evaluate_with, p, crops, combine)[0] for p in dict.fromkeys(perturbations)}
         perturbed = {p: report_metrics(found, temperature=checkpoint.temperature) for p, found in evaluated.items()}
         metrics = report_metrics(predictions, temperature=checkpoint.temperature)
         report = robustness_report(split, metrics, perturbed) if perturbations else None
@@ -101,7 +105,18 @@ def evaluate(
             atomic_write_json(folder / f"eval_{split}.json", metrics)
             plots.report_plots(predictions, metrics, folder, f"eval_{split}")
             chosen = evaluated_selection(checkpoint, data, split).splits
-            save_scores(folder, predictions, checkpoint_path, checkpoint, data, chosen, split, scores_format)
+            save_scores(
+                folder,
+                predictions,
+                checkpoint_path,
+                checkpoint,
+                data,
+                chosen,
+                split,
+                scores_format,
+                crop_logits,
+                combine,
+            )
             if report:
                 write_robustness(report, folder, checkpoint.config, Path(checkpoint_path).parent.name)
         return metrics, report
@@ -126,10 +141,11 @@ def split_evaluator(
     workers: int,
     device: torch.device,
     stop: StopRequest,
-) -> Callable[[Perturbation | None], Predictions]:
-    """``evaluate_with(degrade)``: the checkpoint's model on ``split`` of pack ``data``, every rank's
+) -> Callable[[Perturbation | None, tuple[int, int]], Predictions]:
+    """``evaluate_with(degrade, tile)``: the checkpoint's model on ``split`` of pack ``data``, every rank's
     predictions gathered. Each call reads the split through a new loader of the same settings, with
-    ``degrade`` applied to each stored image before the crop (None: the images as stored). The test
+    ``degrade`` applied to each stored image before the crop (None: the images as stored) and the crop
+    window ``tile`` (``build_loader``; (0, 1): the centre crop). The test
     split of a leave-one-source-out run is the one it was trained for: real test samples and every
     sample of the held-out source."""
     model = model_from_checkpoint(checkpoint, device)
@@ -137,7 +153,7 @@ def split_evaluator(
     precision = resolve_precision(checkpoint.config.train.precision, device)
     preprocess = checkpoint_preprocess(checkpoint)
 
-    def evaluate_with(degrade: Perturbation | None) -> Predictions:
+    def evaluate_with(degrade: Perturbation | None, tile: tuple[int, int] = (0, 1)) -> Predictions:
         loader = build_loader(
             data,
             chosen.splits,
@@ -150,6 +166,7 @@ def split_evaluator(
             degrade=degrade,
             mean=preprocess.mean,
             std=preprocess.std,
+            tile=tile,
         )
         with loader, stop.deferred():
             return evaluate_split(model, loader, device, precision, False, stop_check(stop, loader, device)).gather()

@@ -10,7 +10,8 @@ combined several crops; null otherwise).
 
 File-level metadata (``scores_metadata``): the format tag, the split, the checkpoint's path and sha256,
 the pack's path, its manifest's sha256 and source root, the model name, the preprocessing (the pack's
-settings, the crop, the normalisation's mean and std), the temperature and the validation threshold.
+settings, the crop, the normalisation's mean and std), the temperature, the validation threshold, and
+the crops per image and how their logits were combined (``over_crops``).
 In parquet it is the schema's ``aidetect`` metadata (JSON); a CSV file starts with one line ``# JSON``.
 Files are written atomically.
 """
@@ -19,12 +20,15 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+import torch
+from torch.nn import functional as F
 
 from aidetect.calibration import apply_temperature
 from aidetect.checkpoint import Checkpoint
@@ -39,6 +43,7 @@ from aidetect.models import preprocess_of
 
 FORMAT = "aidetect-scores/1"
 FORMATS = ("parquet", "csv")
+COMBINE = ("mean", "max")  # how an image's crop logits become its logit
 METADATA_KEY = b"aidetect"
 SCHEMA = pa.schema(
     [
@@ -170,8 +175,52 @@ def save_scores(
     splits: list[str],
     split: str,
     file_format: str = "parquet",
+    crop_logits: list[list[float]] | None = None,
+    combine: str | None = None,
 ) -> Path:
     """Write the per-image scores of ``checkpoint`` on ``split`` (which reads ``splits`` of pack ``data``) from
-    the gathered ``predictions`` to ``folder``; returns the file's path. Call it on one rank."""
+    the gathered ``predictions`` to ``folder``; returns the file's path. Call it on one rank. ``crop_logits``
+    and ``combine``: each image's crop logits and how they were combined (``over_crops``), when several."""
     metadata = scores_metadata(checkpoint_path, checkpoint, data, split)
-    return write_scores(folder, scores_table(predictions, source_paths(data, splits), metadata), file_format)
+    metadata |= {"crops": len(crop_logits[0]) if crop_logits else 1, "combine": combine if crop_logits else None}
+    table = scores_table(predictions, source_paths(data, splits), metadata, crop_logits)
+    return write_scores(folder, table, file_format)
+
+
+def check_crops(crops: int, combine: str) -> None:
+    """``UserError`` unless ``crops`` is at least 1 and ``combine`` one of ``COMBINE``."""
+    if crops < 1:
+        raise UserError(f"--crops {crops}: at least 1")
+    if combine not in COMBINE:
+        raise UserError(f"--combine {combine!r}: one of {', '.join(COMBINE)}")
+
+
+def over_crops(
+    evaluate_with: Callable[[Any, tuple[int, int]], Predictions], degrade: Any, crops: int, combine: str
+) -> tuple[Predictions, list[list[float]] | None]:
+    """(predictions, each image's crop logits or None for one crop) of ``evaluate_with(degrade, tile)`` over
+    ``crops`` tiles (K, crops) of every image, combined (``combine_crops``)."""
+    if crops == 1:
+        return evaluate_with(degrade, (0, 1)), None
+    passes = [evaluate_with(degrade, (k, crops)) for k in range(crops)]
+    return combine_crops(passes, combine), [list(logits) for logits in zip(*(p.logits for p in passes), strict=True)]
+
+
+def combine_crops(passes: list[Predictions], combine: str) -> Predictions:
+    """One prediction per image from the gathered predictions of each crop (``passes``, the images in the
+    same order: each pass reads the split with the same plan): the mean or the max of its crop logits, in
+    float32 as the evaluation computes, its probability and loss from that logit."""
+    first = passes[0]
+    if any(p.keys != first.keys for p in passes):
+        raise ValueError("the crops' evaluations read the images in different orders")
+    stacked = torch.tensor([p.logits for p in passes], dtype=torch.float32)
+    logits = stacked.mean(0) if combine == "mean" else stacked.amax(0)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.tensor(first.labels, dtype=torch.float32), reduction="sum")
+    return Predictions(
+        probabilities=torch.sigmoid(logits).tolist(),
+        labels=first.labels,
+        keys=first.keys,
+        sources=first.sources,
+        logits=logits.tolist(),
+        loss_sum=loss.item(),
+    )

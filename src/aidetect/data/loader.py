@@ -38,7 +38,7 @@ from aidetect.data.manifest import Keep, read_manifest, select_shards
 from aidetect.data.plan import epoch_order, rank_batches, sample_permutation, seeded, worker_batches
 from aidetect.data.shardfile import Shard, ShardIndexes, StoredSample, read_image
 from aidetect.data.stored import decode_stored, decode_stored_batch
-from aidetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_flip_draws, crop_flip_into
+from aidetect.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_flip_draws, crop_flip_into, tile_windows
 from aidetect.errors import UserError
 from aidetect.preemption import ignore_stop_signals
 
@@ -152,9 +152,10 @@ class ShardDataset(IterableDataset):
         accumulate: int = 1,
         degrade: Degrade | None = None,
         decode_on_device: bool = False,
+        tile: tuple[int, int] = (0, 1),
     ) -> None:
         self.shards, self.batch_size, self.train, self.side = shards, batch_size, train, side
-        self.degrade, self.workers = degrade, workers
+        self.degrade, self.workers, self.tile = degrade, workers, tile
         self.seed, self.rank, self.world, self.accumulate = seed, rank, world, accumulate
         self.total = sum(s.count for s in shards)
         # (epoch, first batch) in shared memory: persistent DataLoader workers hold copies of this object.
@@ -221,13 +222,15 @@ class ShardDataset(IterableDataset):
 
     def window(self, key: str, path: str, epoch: int, height: int, width: int) -> tuple[int, int, bool]:
         """(top, left, flip) of the side x side crop of sample ``key``, a height x width image: drawn from one
-        hash of (seed, epoch, key) when training, else centred and not flipped. ``DamagedShard`` naming
-        its shard ``path`` when the image is smaller than the side (pack stores none such)."""
+        hash of (seed, epoch, key) when training, else window ``tile`` = (K, N): the K-th of N tiled over the
+        image (``tile_windows``; (0, 1), the default, is the centre crop), not flipped. ``DamagedShard``
+        naming its shard ``path`` when the image is smaller than the side (pack stores none such)."""
         if min(height, width) < self.side:
             raise damaged(path, f"sample {key} is {width}x{height} px, under the {self.side} px it is read at").error()
         if self.train:
             return crop_flip_draws(height, width, self.side, seeded("augment", self.seed, epoch, key))
-        return (height - self.side) // 2, (width - self.side) // 2, False
+        top, left = tile_windows(height, width, self.side, self.tile[1])[self.tile[0]]
+        return top, left, False
 
 
 def as_made(filled: Filled) -> Filled:
@@ -388,8 +391,12 @@ def normalize_batch(
 
 
 def read_side(shard_dir: str | Path, crop: int | None) -> int:
-    """The side of the square images a loader yields: ``crop``, or the pack's stored size without one."""
-    size = read_manifest(shard_dir)["settings"]["size"]
+    """The side of the square images a loader yields: ``crop``, or the pack's stored size without one (a
+    pack of native-resolution images has none: ``UserError``)."""
+    settings = read_manifest(shard_dir)["settings"]
+    size = settings["size"]
+    if crop is None and settings["mode"] == "native":
+        raise UserError(f"{shard_dir} holds images of native sizes: set data.crop, the side they are read at")
     if crop is not None and not 0 < crop <= size:
         raise UserError(f"crop {crop} px does not fit the {size} px images of {shard_dir}; set data.crop <= {size}")
     return crop or size
@@ -414,6 +421,7 @@ def build_loader(
     decode_on_device: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    tile: tuple[int, int] = (0, 1),
 ) -> ShardLoader:
     """A loader over ``splits`` of a pack; rank and world default to torch.distributed's when initialised.
 
@@ -423,7 +431,8 @@ def build_loader(
     (``aidetect.data.degrade``: training augmentation, evaluation perturbations). ``decode_on_device``:
     the stored JPEGs are decoded in batches on ``device`` (nvJPEG on a GPU) instead of in the workers,
     with the same crops and flips; no ``degrade`` then. ``mean``, ``std``: the model's normalisation
-    (``normalize_batch``). The caller ends the loader's workers when done
+    (``normalize_batch``). ``tile``: an evaluation loader's window, (K, N) the K-th of N crops tiled
+    over each image (``ShardDataset.window``). The caller ends the loader's workers when done
     with it (``with build_loader(...) as loader:``)."""
     if decode_on_device:
         check_device_decode(shard_dir, degrade)
@@ -449,6 +458,7 @@ def build_loader(
         accumulate=accumulate,
         degrade=degrade,
         decode_on_device=decode_on_device,
+        tile=tile,
     )
     return ShardLoader(dataset, device=torch.device(device), noise_std=noise_std, mean=mean, std=std)
 

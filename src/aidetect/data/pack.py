@@ -71,7 +71,11 @@ class PackSettings:
 
     mode: str = field(
         default="resize",
-        metadata=flag("resize: pad to square + resize; crop: native crop", choices=PREPROCESS_MODES),
+        metadata=flag(
+            "resize: pad to square + resize; crop: native crop; native: the whole image, scaled down only when its "
+            "longer side is over --size",
+            choices=PREPROCESS_MODES,
+        ),
     )
     size: int = field(default=256, metadata=flag("output side in px"))
     codec: str = field(default="jpeg", metadata=flag("png is lossless", choices=CODECS))
@@ -194,6 +198,8 @@ def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
         return record | {"status": "skipped", "reason": f"cannot decode: {type(exc).__name__}: {first_line(exc)}"}
     height, width = decoded.pixels.shape[:2]
     record["file"] = decoded.file | {"padding": padding_fraction(height, width, settings.mode, settings.size)}
+    if settings.mode == "native":  # stored as decoded unless scaled down
+        record["file"]["stored"] = list(pixels.shape[:2])
     record["data"] = encode(pixels, settings.codec, settings.quality)
     if decoded.repair:
         return record | {"status": "repaired", "reason": decoded.repair}

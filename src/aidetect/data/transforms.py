@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-PREPROCESS_MODES = ("resize", "crop")
+PREPROCESS_MODES = ("resize", "crop", "native")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,6 +23,8 @@ def preprocess(pixels: np.ndarray, mode: str, size: int) -> np.ndarray:
         return pad_square_resize(pixels, size)
     if mode == "crop":
         return center_crop(pixels, size)
+    if mode == "native":
+        return fit_within(pixels, size)
     raise ValueError(f"unknown preprocessing mode {mode!r}; choose one of {PREPROCESS_MODES}")
 
 
@@ -45,6 +47,30 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     """(height, width) of an image once its longer side is scaled to ``size``."""
     side = max(height, width)
     return max(1, round(height * size / side)), max(1, round(width * size / side))
+
+
+def fit_within(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The image as it is, or, when its longer side is over ``size``, scaled down to ``size`` on that side
+    (area interpolation): native resolution up to a bound on what one image costs to store and read."""
+    height, width = pixels.shape[:2]
+    if max(height, width) <= size:
+        return pixels
+    new_h, new_w = resized_shape(height, width, size)
+    return cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def tile_windows(height: int, width: int, side: int, crops: int) -> list[tuple[int, int]]:
+    """(top, left) of ``crops`` side x side windows tiled over a height x width image: a grid of
+    floor(sqrt(crops)) rows and as many columns as it takes, spread from edge to edge (one row or column:
+    centred), taken row by row. One crop is the centre crop."""
+    rows = max(1, int(np.sqrt(crops)))
+    cols = -(-crops // rows)
+
+    def offsets(count: int, span: int) -> list[int]:
+        return [span // 2] if count == 1 else [round(span * i / (count - 1)) for i in range(count)]
+
+    grid = [(top, left) for top in offsets(rows, height - side) for left in offsets(cols, width - side)]
+    return grid[:crops]
 
 
 def padding_fraction(height: int, width: int, mode: str, size: int) -> float:
