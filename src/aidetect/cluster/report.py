@@ -110,7 +110,7 @@ def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
         metrics = json.loads((folders[source] / "test_metrics.json").read_text())
         rows[source] = {key: metrics[key] for key in (*HOLDOUT_COLUMNS, "real", "fake")}
         if "intervals" in metrics:  # each run's own test set: its own bootstrap intervals
-            rows[source]["intervals"] = {key: metrics["intervals"][key] for key in HOLDOUT_COLUMNS}
+            rows[source]["intervals"] = {k: v for k, v in metrics["intervals"].items() if k in HOLDOUT_COLUMNS}
         rows[source]["folder"] = folders[source].name
     values = {key: np.array([row[key] for row in rows.values()], dtype=float) for key in HOLDOUT_COLUMNS}
     return {
