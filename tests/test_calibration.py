@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers.commands import run_cli
 from helpers.plots import assert_png
 from helpers.training import train_args
@@ -66,6 +67,10 @@ def test_a_run_calibrates_and_evaluate_and_predict_use_its_temperature(tiny_pack
     manifest = json.loads((tiny_pack / "manifest.json").read_text())
     raw = Path(manifest["source"]["path"])
     files = [str(raw / path) for shard in manifest["shards"] if shard["split"] == "test" for path in shard["paths"]]
+    stored = torch.load(run / "best.pt", weights_only=True)
+    stored.pop("temperature")  # a checkpoint written before calibration still loads, without a temperature
+    torch.save(stored, tmp_path / "older.pt")
+    assert load_checkpoint(tmp_path / "older.pt").temperature is None
     best = load_checkpoint(run / "best.pt")  # the same model without a temperature and with T = 3
     save_checkpoint(tmp_path / "uncalibrated.pt", replace(best, temperature=None))
     save_checkpoint(tmp_path / "hotter.pt", replace(best, temperature=3.0))

@@ -85,7 +85,9 @@ def evaluate(
     evaluation runs first, then one per perturbation (one given twice runs once), each through a loader
     of the same settings. With ``crops`` N > 1, each evaluation reads the split N times, one tiled crop of
     every image each time, and ``combine``s each image's N logits (``scores.over_crops``). Nothing is
-    written until every evaluation is done: a stop signal leaves no partial result.
+    written until every evaluation is done: a stop signal leaves no partial result. Every evaluation's
+    metrics are ``metrics.report_metrics``: bootstrap intervals, and with the checkpoint's temperature the
+    calibration after it.
     """
     check_crops(crops, combine)
     checkpoint = load_checkpoint(checkpoint_path)

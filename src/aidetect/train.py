@@ -1,8 +1,10 @@
 """``aidetect train``: the training driver, the same code path for 1 process, torchrun and srun.
 
 Each epoch trains, then evaluates on the validation fold in eval mode with no gradients; ``best.pt``
-(by ``train.best_metric``) and ``last.pt`` are kept; after the last epoch ``best.pt`` is evaluated on
-the test split into ``test_metrics.json``. A stop signal (SIGTERM, SIGINT, SIGUSR1/2: see
+(by ``train.best_metric``, with the temperature that calibrates its validation logits and the
+validation threshold) and ``last.pt`` are kept; after the last epoch ``best.pt`` is evaluated on the test
+split into ``test_metrics.json`` (``metrics.report_metrics``: intervals, calibration before and after the
+temperature). A stop signal (SIGTERM, SIGINT, SIGUSR1/2: see
 ``aidetect.preemption``) makes every rank stop at the same step and save ``last.pt`` with its position,
 and ``--resume auto`` continues from there with the same data order, augmentation and RNG states.
 """
