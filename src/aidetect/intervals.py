@@ -55,6 +55,7 @@ def counts_of(indices: np.ndarray, n: int) -> np.ndarray:
 
 
 def drawn(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> Drawn:
+    """The block of resamples whose draws are ``weights`` (samples x resamples)."""
     real = np.flatnonzero(labels == 0)
     order = real[np.argsort(scores[real], kind="stable")]
     return Drawn(weights, scores[order], cumulative(weights[order]))
@@ -67,7 +68,9 @@ def cumulative(weights: np.ndarray) -> np.ndarray:
     return running
 
 
-def subset_metrics(block: Drawn, scores: np.ndarray, labels: np.ndarray, correct: np.ndarray, subset: np.ndarray):
+def subset_metrics(
+    block: Drawn, scores: np.ndarray, labels: np.ndarray, correct: np.ndarray, subset: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per resample of ``block``: accuracy over ``subset`` (a mask), its real and fake accuracy, balanced accuracy
     where it has both classes, and AUROC and AP of its fakes against every real drawn (all that are defined)."""
     fake, real = subset & (labels == 1), subset & (labels == 0)

@@ -48,7 +48,9 @@ PER_SOURCE_COLUMNS = {
 }
 # A source with fewer test images than this is flagged in format_per_source: its figures are noisy.
 FEW_IMAGES = 30
-INTERVAL_METHOD = f"{LEVEL:.0%} percentile, {RESAMPLES} bootstrap resamples stratified by class and source, seed {SEED}"
+INTERVAL_METHOD = (
+    f"{LEVEL:.0%} percentile, {RESAMPLES} bootstrap resamples stratified by class (and source), seed {SEED}"
+)
 
 
 @dataclass
