@@ -151,7 +151,7 @@ def per_source(table: dict, path: Path, title: str, errors: dict[str, dict[str, 
             if key in shown:
                 x.append(index + (shown.index(key) - (len(shown) - 1) / 2) * width)
                 heights.append(entry[key])
-                yerr.append(bar_error(entry, key, errors[name] if errors else None))
+                yerr.append(error_bar(entry, key, errors[name] if errors else None))
         if x:  # an empty bar call would still add a legend entry
             axis.bar(x, heights, width, yerr=np.transpose(yerr), capsize=3, color=color, label=label)
     if "fake_accuracy_mean" in table:
@@ -167,9 +167,9 @@ def per_source(table: dict, path: Path, title: str, errors: dict[str, dict[str, 
     return save(figure, path)
 
 
-def bar_error(entry: dict, key: str, stds: dict[str, float] | None) -> tuple[float, float]:
-    """How far a bar's error bar reaches below and above its value: the std of ``stds`` either way, else the
-    entry's interval of ``key``, else nothing."""
+def error_bar(entry: dict, key: str, stds: dict[str, float] | None) -> tuple[float, float]:
+    """How far the error bar of ``entry[key]`` reaches below and above it: the std of ``stds`` either way, else
+    the entry's interval of ``key`` (``intervals``), else nothing."""
     if stds is not None:
         return stds[key], stds[key]
     low, high = entry.get("intervals", {}).get(key, (entry[key], entry[key]))
@@ -208,8 +208,9 @@ ROBUSTNESS_LINES = {"accuracy": ("accuracy", "#4c72b0"), "auroc": ("AUROC", "#dd
 
 def robustness(report: dict, path: Path) -> Path:
     """A robustness report (``aidetect.inference.robustness_report``) with at least one perturbation other
-    than none: one panel per kind, accuracy and AUROC against strength, stronger always to the right,
-    the clean evaluation's values as dashed lines (``none`` has no strength: the clean lines show it)."""
+    than none: one panel per kind, accuracy and AUROC against strength (with their intervals where the
+    metrics have them), stronger always to the right, the clean evaluation's values as dashed lines (``none``
+    has no strength: the clean lines show it)."""
     entries = [entry for entry in report["perturbations"].values() if entry["kind"] != "none"]
     kinds = list(dict.fromkeys(entry["kind"] for entry in entries))
     figure, axes = plt.subplots(1, len(kinds), figsize=(4.3 * len(kinds), 3.9), squeeze=False)
@@ -217,7 +218,9 @@ def robustness(report: dict, path: Path) -> Path:
         points = sorted((entry for entry in entries if entry["kind"] == kind), key=lambda entry: entry["strength"])
         for key, (label, colour) in ROBUSTNESS_LINES.items():
             values = [entry["metrics"][key] for entry in points]
-            axis.plot([entry["strength"] for entry in points], values, marker="o", color=colour, label=label)
+            errors = np.transpose([error_bar(entry["metrics"], key, None) for entry in points])
+            strengths = [entry["strength"] for entry in points]
+            axis.errorbar(strengths, values, yerr=errors, marker="o", capsize=3, color=colour, label=label)
             axis.axhline(report["clean"][key], linestyle="--", color=colour, label=f"{label}, clean")
         label, reversed_ = PERTURBATION_AXES[kind]
         if reversed_:
