@@ -226,3 +226,13 @@ def test_submit_features_over_two_hosts_then_cv_on_the_cache(tiny_pack: Path, ca
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["n_folds"] == 2 and not summary["missing"]
     assert all(f"features: {features}" in (run / f"fold{k}" / "config.yaml").read_text() for k in range(2))
+
+
+def test_bench_train_times_extraction_and_the_probe(tmp_path: Path) -> None:
+    figures_path = tmp_path / "train.json"
+    args = ["--model", "timm:test_vit", "--image-size", "32", "--batch-size", "8", "--steps", "2"]
+    result = run_cli("bench", "train", "--json", str(figures_path), *args, "--precisions", "fp32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    probe = json.loads(figures_path.read_text())["probe"]
+    assert probe["extract_img_per_s"] > 0 and probe["probe_img_per_s"] > 0
+    assert "linear probe on cached features" in result.stdout

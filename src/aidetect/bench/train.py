@@ -7,7 +7,9 @@ compile) setting asked for is timed with aidetect's loop. With a pack (``data``)
 reference setting is also timed fed by the training loader, real batches decoded by its workers:
 ``loader_fed.vs_in_memory`` below 1 is what the loader costs the GPU. Each setting's timed steps also
 report minor page faults and system CPU seconds per step (``settings_kernel``): an allocator that returns
-memory to the kernel every step (and faults it in again) shows there, not only as a lower rate.
+memory to the kernel every step (and faults it in again) shows there, not only as a lower rate. For a
+backbone + linear head model (``timm:ARCH``), ``probe`` holds the images per second of feature extraction
+(``aidetect features``) and of a linear probe's steps on cached features (``train --features``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aidetect.engine import EpochResult, Progress, TrainingParts, autocast, trai
 from aidetect.fileio import atomic_write_json
 from aidetect.hardware import resolve_precision
 from aidetect.models import build_model
+from aidetect.probe import Probe
 
 
 class InMemoryBatches:
@@ -153,6 +156,40 @@ def loader_fed_rate(pack: str, workers: int, batch_size: int, steps: int, warmup
     return result.images / result.seconds
 
 
+@torch.no_grad()
+def extract_rate(model: nn.Module, batches: list[Batch], steps: int, warmup: int, precision: str) -> float:
+    """Images per second through a frozen backbone as ``aidetect features`` runs it: eval mode, no gradients,
+    each image and its mirror in one pass."""
+    model.eval()
+    for step, batch in enumerate(itertools.islice(itertools.cycle(batches), warmup + steps)):
+        if step == warmup:
+            synchronize(batch.images.device)
+            started = time.perf_counter()
+        with autocast(batch.images.device, precision):
+            model.backbone(torch.cat([batch.images, batch.images.flip(3)]))
+    synchronize(batches[0].images.device)
+    return steps * len(batches[0].keys) / (time.perf_counter() - started)
+
+
+def probe_rates(batches: list[Batch], steps: int, warmup: int, **settings: Any) -> dict[str, float] | None:
+    """For a backbone + linear head model (``timm:ARCH``): images per second of feature extraction
+    (``extract_rate``) and of a linear probe's training steps on cached features (aidetect's loop, the head
+    of ``probe.Probe``); None for other models."""
+    parts = make_parts(settings | {"channels_last": False})
+    if not hasattr(parts.model, "backbone"):
+        return None
+    extract = extract_rate(parts.model, batches, steps, warmup, settings["precision"])
+    probe = Probe(parts.model)
+    parts.model, parts.channels_last = probe, False
+    parts.optimizer = torch.optim.Adam(probe.head.parameters(), lr=1e-4)
+    parts.scheduler = torch.optim.lr_scheduler.LambdaLR(parts.optimizer, lambda step: 1.0)
+    width = probe.head.in_features
+    features = [b._replace(images=torch.randn(len(b.keys), width, device=b.images.device)) for b in batches]
+    run_epoch(parts, InMemoryBatches(features, warmup))
+    result = run_epoch(parts, InMemoryBatches(features, steps * 10))  # steps of microseconds: time more of them
+    return {"extract_img_per_s": extract, "probe_img_per_s": result.images / result.seconds}
+
+
 def bench_train(
     json_path: str | None = None,
     *,
@@ -190,6 +227,7 @@ def bench_train(
         "settings": {},
         "settings_kernel": {},
         "loader_fed": None,
+        "probe": probe_rates(batches, steps, warmup, **default),
     }
     for settings in each_setting(base, precisions, compile_):
         name = setting_name(settings)
@@ -230,6 +268,12 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"  {name:<28}{rate:>10.1f} img/s {kernel['minor_faults_per_step']:>12.0f} minor faults/step "
             f"{kernel['system_s_per_step'] * 1000:>9.1f} ms system CPU/step"
+        )
+    probe = results.get("probe")
+    if probe:
+        lines.append(
+            f"frozen backbone (aidetect features, image + mirror): {probe['extract_img_per_s']:.1f} img/s; "
+            f"linear probe on cached features: {probe['probe_img_per_s']:.0f} img/s"
         )
     fed = results["loader_fed"]
     if fed:
