@@ -121,6 +121,11 @@ def test_submit_cv_by_time_runs_each_window_and_reports_the_matrix(dated_pack: P
     assert row["fake"] == sum(manifest["sources"]["fake"][s]["total"] for s in ("gen4", "gen1"))
     metrics = json.loads((run / "time-0" / "test_metrics.json").read_text())
     assert set(metrics["per_source"]["sources"]) == {"art", "photo", "gen4", "gen1"}
+    evaluated = run_cli("evaluate", str(run / "time-0" / "best.pt"), "--data", str(dated_pack), "--out", str(run))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # the checkpoint's test: its window's sources
+    counts = {name: row["n"] for name, row in metrics["per_source"]["sources"].items()}
+    evaluated_sources = json.loads((run / "eval_test.json").read_text())["per_source"]["sources"]
+    assert {name: row["n"] for name, row in evaluated_sources.items()} == counts
     assert_png(run / "cv_time.png")
     assert "time-0" in status(run) and "done: test accuracy" in status(run)
     written = (run / "cv_summary.json").read_text()

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from aidetect.data.manifest import Selection, run_splits
 from aidetect.errors import UserError, first_line
 from aidetect.hardware import DEVICES, PRECISIONS
 from aidetect.options import add_flags, flag, flag_name, flagged
@@ -59,6 +60,11 @@ class DataConfig:
     # $AIDETECT_LOCAL_SCRATCH, which submit exports from the profile's local_scratch) or an absolute folder;
     # $VARS are expanded on each node when the run starts.
     stage: str = "none"
+
+    def selections(self, manifest: dict[str, Any], fold: int | None) -> dict[str, Selection]:
+        """The ``train``, ``val`` and ``test`` selections these keys make of a pack (``manifest.run_splits``):
+        what training reads, and what evaluating its checkpoint on ``test`` reads again."""
+        return run_splits(manifest, fold, self.holdout_source, self.train_sources, self.test_sources)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from aidetect.config import TrainConfig
 from aidetect.data.decode import SYSTEM_FILES, UnreadableImage
 from aidetect.data.degrade import Perturbation
 from aidetect.data.loader import build_loader, normalize_batch
-from aidetect.data.manifest import Selection, read_manifest, run_splits
+from aidetect.data.manifest import Selection, read_manifest
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.stored import decode_stored
 from aidetect.data.transforms import center_crop
@@ -178,8 +178,9 @@ def split_evaluator(
 
 def evaluated_selection(checkpoint: Checkpoint, data: str, split: str) -> Selection:
     """What evaluating ``checkpoint`` on ``split`` of pack ``data`` reads."""
-    holdout = checkpoint.config.data.holdout_source
-    return run_splits(read_manifest(data), None, holdout)["test"] if split == "test" else Selection([split])
+    if split != "test":
+        return Selection([split])
+    return checkpoint.config.data.selections(read_manifest(data), None)["test"]
 
 
 def image_files(paths: list[str]) -> Iterator[Path]:

@@ -33,7 +33,7 @@ from aidetect.checkpoint import Checkpoint, RunState, load_checkpoint, rng_state
 from aidetect.config import Config, DataConfig, ModelConfig, OptimConfig, check_choice, save_config, validate
 from aidetect.data.degrade import Augmentation
 from aidetect.data.loader import ShardLoader, build_loader
-from aidetect.data.manifest import Selection, check_holdout, check_sources, read_manifest, run_splits
+from aidetect.data.manifest import Selection, check_holdout, check_sources, read_manifest
 from aidetect.data.stage import stage_pack
 from aidetect.distributed import (
     DistInfo,
@@ -96,8 +96,7 @@ class Trainer:
         check_inputs(config, shards, info.device)
         self.precision = resolve_precision(config.train.precision, info.device)
         seed_everything(config.train.seed + info.rank, config.train.deterministic, info.device)
-        data = config.data
-        self.splits = run_splits(self.manifest, data.fold, data.holdout_source, data.train_sources, data.test_sources)
+        self.splits = config.data.selections(self.manifest, config.data.fold)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
         self.model = build_trained_model(
             config.model, run_crop(config, shards) or self.manifest["settings"]["size"], info.device
