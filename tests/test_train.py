@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,16 @@ from aidetect.data.degrade import Augmentation
 from aidetect.errors import UserError
 from aidetect.hardware import set_cuda_environment
 from aidetect.metrics import METRIC_KEYS
-from aidetect.train import OPTIMIZERS, SCHEDULES, augmentation, build_optimizer, build_scheduler, seed_everything
+from aidetect.train import (
+    CURVES_EVERY_S,
+    OPTIMIZERS,
+    SCHEDULES,
+    Trainer,
+    augmentation,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+)
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tiny_pack: Path, tmp_path: Path) -> None:
@@ -76,6 +86,7 @@ def test_a_signal_to_the_process_group_saves_the_position_and_resume_continues_e
     assert "Traceback" not in process.stderr and "stopped by a signal" in process.stderr
     state = load_checkpoint(out / "last.pt").state
     assert state.epoch == 1 and state.batch >= 2  # mid-epoch: the position is saved
+    assert (out / "curves.png").is_file()  # epoch 1 took under CURVES_EVERY_S: drawn on the stop
     first_id = load_checkpoint(out / "last.pt").wandb_id
     resumed = run_cli(*train_args(tiny_pack, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -307,3 +318,24 @@ def test_a_deterministic_cuda_run_needs_the_cublas_workspace_from_the_start(monk
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own (deterministic) choice is kept
     set_cuda_environment(True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_curves_are_redrawn_at_most_every_curves_every_s_and_always_when_final(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    clock, drawn = [1000.0], []
+    monkeypatch.setattr("aidetect.train.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("aidetect.train.plots.training_curves", lambda history, path: drawn.append(len(history)))
+    trainer = SimpleNamespace(info=SimpleNamespace(is_main=True), state=SimpleNamespace(history=[]), out=tmp_path)
+    trainer.curves_drawn = clock[0]  # the start
+    trainer.state.history.append({"epoch": 1})
+    Trainer.draw_curves(trainer, final=False)  # a short epoch: not yet
+    clock[0] += CURVES_EVERY_S
+    Trainer.draw_curves(trainer, final=False)  # CURVES_EVERY_S since the start
+    trainer.state.history.append({"epoch": 2})
+    clock[0] += 1
+    Trainer.draw_curves(trainer, final=False)  # 1 s since the last drawing: not yet
+    Trainer.draw_curves(trainer, final=True)  # the last epoch or a stop: always
+    trainer.info.is_main = False
+    Trainer.draw_curves(trainer, final=True)  # only rank 0 draws
+    assert drawn == [1, 2]

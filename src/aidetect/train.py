@@ -16,6 +16,7 @@ import math
 import os
 import random
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ from aidetect.probe import check_cache, features_loader, probe_model
 from aidetect.scores import save_scores
 from aidetect.tracking import Tracker
 
+# curves.png is redrawn at most this often (and always after the last epoch and on a stop): a run of short
+# epochs, a probe on cached features, would otherwise spend most of its time drawing it.
+CURVES_EVERY_S = 30.0
+
 
 def train(config: Config) -> dict[str, Any]:
     """Run the configured training; returns the test metrics of the best checkpoint. Raises ``Stopped``
@@ -98,9 +103,8 @@ class Trainer:
         seed_everything(config.train.seed + info.rank, config.train.deterministic, info.device)
         self.splits = config.data.selections(self.manifest, config.data.fold)
         self.loaders = {name: self.make_loader(name) for name in ("train", "val")}
-        self.model = build_trained_model(
-            config.model, run_crop(config, shards) or self.manifest["settings"]["size"], info.device
-        )
+        self.crop = run_crop(config, shards)  # recorded in every checkpoint
+        self.model = build_trained_model(config.model, self.crop or self.manifest["settings"]["size"], info.device)
         if config.data.features:  # a linear probe: the head trains on cached features of the cache's backbone
             self.model = probe_model(self.model, config.data.features)
         self.channels_last = config.model.channels_last and not config.data.features  # features are N x D
@@ -108,6 +112,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, len(self.loaders["train"]))
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision == "fp16")
         self.state = RunState()
+        self.curves_drawn = time.monotonic()  # when curves.png was last drawn (draw_curves), or the start
         resumed = self.resume()
         self.tracker = Tracker(config, self.out, resumed.wandb_id if resumed else None, enabled=info.is_main)
 
@@ -231,6 +236,7 @@ class Trainer:
 
     def leave(self, where: str) -> None:
         """Save ``last.pt`` with the position in ``self.state`` and raise ``Stopped``, every rank together."""
+        self.draw_curves(final=True)
         self.save("last.pt")
         self.log(f"stopped by {self.stop.signal_name} {where}")
         self.tracker.finish()
@@ -298,7 +304,6 @@ class Trainer:
         if self.info.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            plots.training_curves(self.state.history, self.out / "curves.png")
             self.tracker.log_evaluation("val", metrics, self.state.step)
             self.tracker.log({"epoch": epoch + 1, "train/epoch_loss": train_loss}, self.state.step)
         self.log(
@@ -306,9 +311,20 @@ class Trainer:
             f"{metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}, auroc {metrics['auroc']:.4f}"
             f"{' (best)' if improved else ''}"
         )
+        self.draw_curves(final=epoch + 1 == config.train.epochs)
         if improved:  # with the temperature that calibrates this epoch's validation predictions
             self.save("best.pt", fit_temperature(predictions.logits, predictions.labels))
         self.save("last.pt")
+
+    def draw_curves(self, final: bool) -> None:
+        """Rank 0 redraws curves.png from the history when ``final`` (the last epoch, a stop) or when
+        ``CURVES_EVERY_S`` seconds passed since it was last drawn (or since the start): every epoch for epochs
+        that long, once at the end for a run of short ones (a probe on cached features). No history: nothing."""
+        if not self.info.is_main or not self.state.history:
+            return
+        if final or time.monotonic() - self.curves_drawn >= CURVES_EVERY_S:
+            plots.training_curves(self.state.history, self.out / "curves.png")
+            self.curves_drawn = time.monotonic()
 
     def test(self) -> dict[str, Any]:
         """Evaluate the best checkpoint (never the last epoch's weights) on the test split: test_metrics.json,
@@ -360,7 +376,7 @@ class Trainer:
                 state=self.state,
                 rng=rngs,
                 config=self.config,
-                preprocess=self.manifest["settings"] | {"crop": run_crop(self.config, self.shards)},
+                preprocess=self.manifest["settings"] | {"crop": self.crop},
                 wandb_id=self.tracker.run_id,
                 temperature=temperature,
                 weights_sha256=getattr(getattr(self.model, "weights", None), "sha256", None),
