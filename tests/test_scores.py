@@ -16,8 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from aidetect.checkpoint import load_checkpoint
 from aidetect.data.integrity import sha256_file
-from aidetect.data.manifest import read_manifest, sample_records
-from aidetect.data.transforms import tile_windows
+from aidetect.data.manifest import read_manifest
 from aidetect.errors import UserError
 from aidetect.metrics import Predictions
 from aidetect.scores import read_scores, save_scores, scores_metadata_of, write_scores
@@ -99,37 +98,3 @@ def test_a_temperature_scales_the_probabilities(run: Path, tiny_pack: Path, tmp_
     twice = Predictions(keys=predictions.keys * 2, logits=logits * 2, labels=predictions.labels * 2)
     with pytest.raises(ValueError, match="more than once"):
         save_scores(tmp_path, twice, run / "best.pt", checkpoint, tiny_pack, ["test"], "test")
-
-
-def test_native_pack_and_tiled_crops_combine_the_same_on_any_number_of_ranks(tiny_pack: Path, tmp_path: Path) -> None:
-    """pack --mode native stores each image as decoded, scaled down only beyond --size; evaluate --crops N
-    scores N tiled crops of each, alone and under torchrun alike, and combines their logits."""
-    pack = tmp_path / "native"
-    packed = run_cli("pack", str(tiny_pack.parent / "raw"), str(pack), "--mode", "native", "--size", "96")
-    assert packed.returncode == 0, packed.stderr[-2000:]
-    files = [r["file"] for r in sample_records(pack)]
-    assert all(f["stored"] == [f["height"], f["width"]] for f in files if max(f["height"], f["width"]) <= 96)
-    assert all(max(f["stored"]) == 96 for f in files if max(f["height"], f["width"]) > 96)
-    assert {tuple(f["stored"]) for f in files} != {(96, 96)}  # sizes vary
-    trained = run_cli(*train_args(pack, tmp_path / "run", "--epochs", "1", "--set", "data.crop=32"))
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    evaluate = ("evaluate", str(tmp_path / "run" / "best.pt"), "--data", str(pack), "--crops", "4")
-    alone = run_cli(*evaluate, "--out", str(tmp_path / "alone"))
-    ranks = torchrun(*evaluate, "--combine", "max", "--out", str(tmp_path / "ranks"))
-    assert alone.returncode == 0 and ranks.returncode == 0, (alone.stderr + ranks.stderr)[-2000:]
-    mean, highest = (read_scores(tmp_path / where / "scores_test.parquet") for where in ("alone", "ranks"))
-    assert mean.column("key").to_pylist() == highest.column("key").to_pylist()
-    crops = np.asarray(mean.column("crop_logits").to_pylist())
-    assert crops.shape == (mean.num_rows, 4) and np.allclose(
-        crops, highest.column("crop_logits").to_pylist(), atol=1e-5
-    )
-    assert not np.allclose(crops, crops[:, :1])  # four windows, four logits
-    assert np.allclose(mean.column("logit").to_pylist(), crops.mean(1), atol=1e-6)
-    assert np.allclose(highest.column("logit").to_pylist(), crops.max(1), atol=1e-5)
-    assert (scores_metadata_of(highest)["crops"], scores_metadata_of(highest)["combine"]) == (4, "max")
-
-
-def test_tiles_spread_over_the_image_and_one_is_the_centre() -> None:
-    assert tile_windows(100, 60, 32, 4) == [(0, 0), (0, 28), (68, 0), (68, 28)]
-    assert tile_windows(100, 60, 32, 1) == [(34, 14)]  # center_crop's window
-    assert tile_windows(32, 100, 32, 3) == [(0, 0), (0, 34), (0, 68)]

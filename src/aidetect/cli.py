@@ -212,7 +212,7 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
 
 def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from aidetect.inference import evaluate
-    from aidetect.scores import COMBINE, FORMATS
+    from aidetect.scores import FORMATS
 
     default = defaults_of(evaluate)
     parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
@@ -236,6 +236,14 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=default["scores_format"],
         help="file of the per-image scores, scores_SPLIT.FORMAT",
     )
+    add_crops(parser, default)
+    parser.set_defaults(handler=run_evaluate)
+
+
+def add_crops(parser: argparse.ArgumentParser, default: dict[str, Any]) -> None:
+    """``--crops`` and ``--combine`` of evaluate and predict, defaulting as ``default`` (their keywords) say."""
+    from aidetect.scores import COMBINE
+
     parser.add_argument(
         "--crops",
         type=int,
@@ -243,10 +251,11 @@ def evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="crops of the model's side tiled over each stored image (native packs), their logits combined",
     )
     parser.add_argument("--combine", choices=COMBINE, default=default["combine"], help="of each image's crop logits")
-    parser.set_defaults(handler=run_evaluate)
 
 
 def predict_arguments(parser: argparse.ArgumentParser) -> None:
+    from aidetect.inference import predict
+
     parser.add_argument("checkpoint", help="e.g. runs/NAME/best.pt")
     parser.add_argument("paths", nargs="+", help="image files or folders")
     parser.add_argument("--csv", default="predictions.csv", help="output CSV")
@@ -260,6 +269,7 @@ def predict_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LO,HI",
         help="label 'unsure' every file whose (calibrated) probability of fake lies in [LO, HI], e.g. 0.4,0.6",
     )
+    add_crops(parser, defaults_of(predict))
     parser.set_defaults(handler=run_predict)
 
 
@@ -588,7 +598,15 @@ def run_predict(args: argparse.Namespace) -> int:
     if len(perturbations) != 1:
         raise UserError(f"--perturb {args.perturb}: predict takes one perturbation, e.g. jpeg:50")
     unsure = parse_band(args.unsure) if args.unsure else None
-    counts = predict(args.checkpoint, args.paths, args.csv, perturb=perturbations[0], unsure=unsure)
+    counts = predict(
+        args.checkpoint,
+        args.paths,
+        args.csv,
+        perturb=perturbations[0],
+        unsure=unsure,
+        crops=args.crops,
+        combine=args.combine,
+    )
     print(f"wrote {counts['files']} rows to {args.csv} ({counts['errors']} unreadable, see its error column)")
     return 0
 

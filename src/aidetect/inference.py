@@ -2,7 +2,8 @@
 
 Both rebuild the model and the preprocessing from the checkpoint alone: ``predict`` decodes and
 preprocesses raw files exactly as ``pack`` did for training (the settings travel in the checkpoint),
-then centre-crops and normalises as the evaluation loader does.
+then crops and normalises as the evaluation loader does: the centre crop, or with ``--crops N`` the same N
+tiled crops whose logits ``evaluate --crops N`` combines, combined the same way.
 
 Robustness (``--perturb``): one fixed degradation (``aidetect.data.degrade.Perturbation``) of both
 classes alike, deterministic; ``evaluate`` applies it to the stored images, ``predict`` to each raw file
@@ -16,6 +17,7 @@ import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from aidetect.data.loader import build_loader, normalize_batch
 from aidetect.data.manifest import Selection, read_manifest
 from aidetect.data.pack import PackSettings, decode_and_preprocess, encode
 from aidetect.data.stored import decode_stored
-from aidetect.data.transforms import center_crop
+from aidetect.data.transforms import tiles
 from aidetect.distributed import cleanup_distributed, peers_watched, setup_distributed
 from aidetect.engine import evaluate as evaluate_split
 from aidetect.engine import stop_check
@@ -45,7 +47,7 @@ from aidetect.metrics import Predictions, report_metrics
 from aidetect.models import preprocess_of
 from aidetect.preemption import StopRequest
 from aidetect.robustness import robustness_report, write_robustness
-from aidetect.scores import check_crops, over_crops, save_scores
+from aidetect.scores import check_crops, combine_logits, over_crops, save_scores
 from aidetect.train import build_trained_model
 
 
@@ -130,7 +132,9 @@ def check_preprocessing(data: str, checkpoint: Checkpoint) -> None:
     """``UserError`` unless pack ``data`` was made with the preprocessing the checkpoint was trained on."""
     packed, trained = read_manifest(data)["settings"], checkpoint.preprocess
     defaults = asdict(PackSettings())  # what packs made before a setting existed did
-    mismatched = [k for k in ("mode", "size", "codec", "parity") if (defaults | packed)[k] != (defaults | trained)[k]]
+    mismatched = [
+        k for k in ("mode", "size", "max_side", "codec", "parity") if (defaults | packed)[k] != (defaults | trained)[k]
+    ]
     if mismatched:
         raise UserError(f"{data}: packed with other {', '.join(mismatched)} than the checkpoint was trained on")
 
@@ -196,17 +200,26 @@ def image_files(paths: list[str]) -> Iterator[Path]:
 
 
 def load_for_prediction(path: Path, settings: dict[str, Any], perturb: Perturbation | None = None) -> torch.Tensor:
-    """One raw file -> uint8 HWC tensor, preprocessed exactly as the checkpoint's pack was; ``perturb``
-    degrades the decoded file first, before the pack's parity and resizing or cropping."""
+    """One raw file -> uint8 HWC tensor, the image the checkpoint's pack would store (``settings``: its
+    ``preprocess``); ``perturb`` degrades the decoded file first, before the pack's parity and resizing or
+    cropping."""
     if not path.is_file():
         raise UnreadableImage("file not found")
     packed = PackSettings(**{key: value for key, value in settings.items() if key != "crop"})
     _, pixels = decode_and_preprocess(path, packed, perturb)
     # Through the same encoder and decoder as pack and the loader: the model saw these JPEG artefacts.
-    pixels = decode_stored(encode(pixels, packed.codec, packed.quality))
-    if settings["crop"]:
-        pixels = center_crop(pixels, settings["crop"])
-    return torch.from_numpy(np.ascontiguousarray(pixels))
+    return torch.from_numpy(np.ascontiguousarray(decode_stored(encode(pixels, packed.codec, packed.quality))))
+
+
+def prediction_crops(
+    path: Path, settings: dict[str, Any], perturb: Perturbation | None = None, crops: int = 1
+) -> torch.Tensor:
+    """The model's inputs for one raw file: ``crops`` x side x side x 3 (uint8), the windows of the model's
+    side (the checkpoint's crop, else the pack's size) that ``evaluate --crops`` reads of the stored image
+    (``load_for_prediction``), in its order (``transforms.tiles``; one: the centre crop). ``ValueError``
+    when the stored image is smaller than the side."""
+    stored = load_for_prediction(path, settings, perturb).numpy()
+    return torch.from_numpy(tiles(stored, settings["crop"] or settings["size"], crops))
 
 
 def predict(
@@ -216,28 +229,34 @@ def predict(
     batch_size: int = 32,
     perturb: Perturbation | None = None,
     unsure: tuple[float, float] | None = None,
+    crops: int = 1,
+    combine: str = "mean",
 ) -> dict[str, int]:
     """Write ``csv_path`` with one row per file: path, probability of fake (calibrated by the checkpoint's
     temperature where it has one), label (fake at 0.5 or above, else real; ``unsure`` where the probability
     lies in the band ``unsure`` (LO, HI) when given), error (if unreadable); with ``perturb``, of each file
-    degraded so (see ``load_for_prediction``)."""
+    degraded so (see ``load_for_prediction``). With ``crops`` N, the logit of a file ``combine``s those of
+    its N tiled crops (``prediction_crops``), as ``evaluate --crops N`` does of the same stored image;
+    ``batch_size`` files (N crops each) go through the model at a time."""
+    check_crops(crops, combine)
     checkpoint = load_checkpoint(checkpoint_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess = model_from_checkpoint(checkpoint, device), checkpoint_preprocess(checkpoint)
+    scored = partial(score, model, device=device, preprocess=preprocess, temperature=checkpoint.temperature)
     rows: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []
     for path in image_files(paths):
         try:
-            image = load_for_prediction(path, checkpoint.preprocess, perturb)
+            images = prediction_crops(path, checkpoint.preprocess, perturb, crops)
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": ""})
-            pending.append((len(rows) - 1, image))
+            pending.append((len(rows) - 1, images))
         except (UnreadableImage, ValueError, OSError) as exc:
             rows.append({"path": str(path), "prob_fake": "", "label": "", "error": first_line(exc)})
         if len(pending) == batch_size:
-            score(model, pending, rows, device, preprocess, checkpoint.temperature, unsure)
+            scored(pending, rows, unsure=unsure, combine=combine)
             pending = []
     if pending:
-        score(model, pending, rows, device, preprocess, checkpoint.temperature, unsure)
+        scored(pending, rows, unsure=unsure, combine=combine)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["path", "prob_fake", "label", "error"])
     writer.writeheader()
@@ -255,19 +274,18 @@ def score(
     preprocess: Preprocess,
     temperature: float | None = None,
     unsure: tuple[float, float] | None = None,
+    combine: str = "mean",
 ) -> None:
-    """Score images of one size together, normalised as ``preprocess`` says; images of another size (when no
-    crop is set) go one by one. Probabilities are ``sigmoid(logit / temperature)``, labels as ``label_of``."""
-    by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-    for index, image in pending:
-        by_shape.setdefault(tuple(image.shape), []).append((index, image))
-    for group in by_shape.values():
-        images = torch.stack([image for _, image in group]).to(device)
-        normalized = normalize_batch(images, mean=preprocess.mean, std=preprocess.std)
-        probabilities = apply_temperature(model(normalized).float().cpu(), temperature).tolist()
-        for (index, _), probability in zip(group, probabilities, strict=True):
-            rows[index]["prob_fake"] = f"{probability:.6f}"
-            rows[index]["label"] = label_of(probability, unsure)
+    """Score the files ``pending`` (row index, its crops: N x side x side x 3 uint8, N alike for all) in one
+    batch, normalised as ``preprocess`` says: a file's logit ``combine``s its crops' logits
+    (``scores.combine_logits``), its probability is ``sigmoid(logit / temperature)``, its label ``label_of``."""
+    crops = torch.stack([images for _, images in pending])
+    normalized = normalize_batch(crops.flatten(0, 1).to(device), mean=preprocess.mean, std=preprocess.std)
+    logits = model(normalized).float().cpu().view(crops.shape[:2])
+    probabilities = apply_temperature(combine_logits(logits.T, combine), temperature).tolist()
+    for (index, _), probability in zip(pending, probabilities, strict=True):
+        rows[index]["prob_fake"] = f"{probability:.6f}"
+        rows[index]["label"] = label_of(probability, unsure)
 
 
 def label_of(probability: float, unsure: tuple[float, float] | None) -> str:

@@ -213,8 +213,7 @@ def combine_crops(passes: list[Predictions], combine: str) -> Predictions:
     first = passes[0]
     if any(p.keys != first.keys for p in passes):
         raise ValueError("the crops' evaluations read the images in different orders")
-    stacked = torch.tensor([p.logits for p in passes], dtype=torch.float32)
-    logits = stacked.mean(0) if combine == "mean" else stacked.amax(0)
+    logits = combine_logits(torch.tensor([p.logits for p in passes], dtype=torch.float32), combine)
     loss = F.binary_cross_entropy_with_logits(logits, torch.tensor(first.labels, dtype=torch.float32), reduction="sum")
     return Predictions(
         probabilities=torch.sigmoid(logits).tolist(),
@@ -224,3 +223,9 @@ def combine_crops(passes: list[Predictions], combine: str) -> Predictions:
         logits=logits.tolist(),
         loss_sum=loss.item(),
     )
+
+
+def combine_logits(stacked: torch.Tensor, combine: str) -> torch.Tensor:
+    """Each image's logit from its crops' logits ``stacked`` (crops x images, float32): their mean, or their
+    max with ``combine`` "max"; what ``evaluate --crops`` and ``predict --crops`` alike compute."""
+    return stacked.mean(0) if combine == "mean" else stacked.amax(0)

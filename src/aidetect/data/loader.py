@@ -391,15 +391,29 @@ def normalize_batch(
 
 
 def read_side(shard_dir: str | Path, crop: int | None) -> int:
-    """The side of the square images a loader yields: ``crop``, or the pack's stored size without one (a
-    pack of native-resolution images has none: ``UserError``)."""
+    """The side of the square images a loader yields: ``crop``, or the pack's stored size without one. A pack
+    of native-resolution images has none: it needs a ``crop`` no longer than the shortest side it stores
+    (its ``min_side``), else ``UserError``."""
     settings = read_manifest(shard_dir)["settings"]
+    if settings["mode"] == "native":
+        return native_side(shard_dir, crop, settings["min_side"])
     size = settings["size"]
-    if crop is None and settings["mode"] == "native":
-        raise UserError(f"{shard_dir} holds images of native sizes: set data.crop, the side they are read at")
     if crop is not None and not 0 < crop <= size:
         raise UserError(f"crop {crop} px does not fit the {size} px images of {shard_dir}; set data.crop <= {size}")
     return crop or size
+
+
+def native_side(shard_dir: str | Path, crop: int | None, min_side: int) -> int:
+    """``crop``, the side a native pack's images are read at; ``UserError`` when it is unset or longer than
+    ``min_side``, the shortest side the pack stores."""
+    if crop is None:
+        raise UserError(f"{shard_dir} holds images of native sizes: set data.crop, the side they are read at")
+    if not 0 < crop <= min_side:
+        raise UserError(
+            f"crop {crop} px: {shard_dir} holds images as small as {min_side} px (its --min-side); set data.crop "
+            f"<= {min_side} or pack with --min-side {crop}"
+        )
+    return crop
 
 
 def build_loader(

@@ -73,11 +73,15 @@ class PackSettings:
         default="resize",
         metadata=flag(
             "resize: pad to square + resize; crop: native crop; native: the whole image, scaled down only when its "
-            "longer side is over --size",
+            "longer side is over --max-side",
             choices=PREPROCESS_MODES,
         ),
     )
-    size: int = field(default=256, metadata=flag("output side in px"))
+    size: int = field(default=256, metadata=flag("output side in px (resize and crop modes)"))
+    max_side: int | None = field(
+        default=None,
+        metadata=flag("native mode: the longest side stored, longer images scaled down to it (default: no bound)"),
+    )
     codec: str = field(default="jpeg", metadata=flag("png is lossless", choices=CODECS))
     quality: int = field(default=95, metadata=flag("JPEG quality"))
     seed: int = field(default=0, metadata=flag("seed of the split assignment"))
@@ -115,6 +119,8 @@ class PackSettings:
             (self.codec in self.CODECS, f"--codec must be {' or '.join(self.CODECS)}"),
             (1 <= self.quality <= 100, "--quality must be between 1 and 100"),
             (self.size >= 16, "--size must be at least 16"),
+            (self.max_side is None or self.mode == "native", "--max-side is for --mode native"),
+            (self.max_side is None or self.max_side >= self.min_side, "--max-side must be at least --min-side"),
             (0 <= self.test_fraction < 1, "--test-fraction must be in [0, 1)"),
             (self.folds >= 1, "--folds must be at least 1"),
             (self.shard_size >= 1, "--shard-size must be at least 1"),
@@ -172,7 +178,9 @@ def decode_and_preprocess(
     """One raw file as a pack with ``settings`` stores it (before encoding); ``predict`` uses it too, with
     ``perturb`` (``predict --perturb``) applied to the decoded pixels before the parity codec. Pillow's
     bomb guard is set for the pack's budget throughout (``bomb_guard``): the parity codec reopens images
-    of up to that size."""
+    of up to that size. ``ValueError`` when the image is smaller than a crop pack's side, or a native pack's
+    scaling to ``max_side`` leaves its shorter side under ``min_side`` (every image a native pack stores has
+    ``min_side`` px at least on each side)."""
     with bomb_guard(settings.max_pixels):
         decoded = decode_image(
             path,
@@ -182,7 +190,11 @@ def decode_and_preprocess(
             repair_truncated=settings.on_truncated == "repair",
         )
         pixels = apply_parity(perturb(decoded.pixels) if perturb else decoded.pixels, settings.parity)
-    return decoded, preprocess(pixels, settings.mode, settings.size)
+    stored = preprocess(pixels, settings.mode, settings.max_side if settings.mode == "native" else settings.size)
+    if settings.mode == "native" and min(stored.shape[:2]) < settings.min_side:
+        height, width = stored.shape[:2]
+        raise ValueError(f"too small once scaled to --max-side: {width}x{height} px, under --min-side")
+    return decoded, stored
 
 
 def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
@@ -198,7 +210,7 @@ def pack_one(file: SourceFile, settings: PackSettings) -> dict[str, Any]:
         return record | {"status": "skipped", "reason": f"cannot decode: {type(exc).__name__}: {first_line(exc)}"}
     height, width = decoded.pixels.shape[:2]
     record["file"] = decoded.file | {"padding": padding_fraction(height, width, settings.mode, settings.size)}
-    if settings.mode == "native":  # stored as decoded unless scaled down
+    if settings.mode == "native":  # stored as decoded unless scaled down to --max-side
         record["file"]["stored"] = list(pixels.shape[:2])
     record["data"] = encode(pixels, settings.codec, settings.quality)
     if decoded.repair:

@@ -17,8 +17,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess(pixels: np.ndarray, mode: str, size: int) -> np.ndarray:
-    """Apply a pack's preprocessing mode to an RGB image."""
+def preprocess(pixels: np.ndarray, mode: str, size: int | None) -> np.ndarray:
+    """Apply a pack's preprocessing mode to an RGB image: ``size`` is the stored side (resize, crop), or the
+    bound on the longer side (native: ``fit_within``; None, no bound)."""
     if mode == "resize":
         return pad_square_resize(pixels, size)
     if mode == "crop":
@@ -49,11 +50,12 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return max(1, round(height * size / side)), max(1, round(width * size / side))
 
 
-def fit_within(pixels: np.ndarray, size: int) -> np.ndarray:
+def fit_within(pixels: np.ndarray, size: int | None) -> np.ndarray:
     """The image as it is, or, when its longer side is over ``size``, scaled down to ``size`` on that side
-    (area interpolation): native resolution up to a bound on what one image costs to store and read."""
+    (area interpolation): native resolution up to a bound on what one image costs to store and read.
+    ``size`` None: no bound, the image as it is."""
     height, width = pixels.shape[:2]
-    if max(height, width) <= size:
+    if size is None or max(height, width) <= size:
         return pixels
     new_h, new_w = resized_shape(height, width, size)
     return cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_AREA)
@@ -71,6 +73,17 @@ def tile_windows(height: int, width: int, side: int, crops: int) -> list[tuple[i
 
     grid = [(top, left) for top in offsets(rows, height - side) for left in offsets(cols, width - side)]
     return grid[:crops]
+
+
+def tiles(pixels: np.ndarray, side: int, crops: int) -> np.ndarray:
+    """The ``crops`` side x side windows of ``pixels`` (H x W x 3) that ``tile_windows`` places, in its order:
+    crops x side x side x 3 (one: the centre crop). ``ValueError`` when the image is smaller than ``side``."""
+    height, width = pixels.shape[:2]
+    if min(height, width) < side:
+        raise ValueError(f"{width}x{height} px is smaller than the {side} px crop")
+    return np.stack(
+        [pixels[top : top + side, left : left + side] for top, left in tile_windows(height, width, side, crops)]
+    )
 
 
 def padding_fraction(height: int, width: int, mode: str, size: int) -> float:
