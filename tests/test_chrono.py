@@ -1,16 +1,19 @@
 """The chronological protocol (AI-GenBench): generators in windows by release date, each task trained on the
-windows so far and tested on the next; the selection on a real pack, and ``submit cv --by time`` end to end."""
+windows so far and tested on every later one; the selection on a real pack, and ``submit cv --by time`` end to
+end with its train-window x test-window matrix."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from helpers.commands import run_cli
 from helpers.plots import assert_png
 from helpers.slurm import REPO, options, submit, wait_for
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from aidetect.cluster.report import HOLDOUT_COLUMNS, cv_report, status
 from aidetect.data.manifest import (
@@ -25,6 +28,7 @@ from aidetect.data.pack import PackSettings, pack
 from aidetect.data.shardfile import shard_records
 from aidetect.data.synth import synth
 from aidetect.errors import UserError
+from aidetect.scores import read_scores
 
 # Released in another order than their names sort: gen3 first, gen1 last.
 DATES = {"gen1": "2023-07-26", "gen2": "2022-08", "gen3": "2022-04-06", "gen4": "2022-08-22"}
@@ -105,33 +109,72 @@ def test_a_pack_without_every_date_is_refused_in_one_line(tiny_pack: Path, tmp_p
 def test_submit_cv_by_time_runs_each_window_and_reports_the_matrix(dated_pack: Path, tmp_path: Path) -> None:
     run = tmp_path / "chrono"
     result = run_cli(
-        "submit", "cv", "--by", "time", "--window", "2", "--profile", "local", "--executor", "local", "--wait",
+        "submit", "cv", "--by", "time", "--window", "1", "--profile", "local", "--executor", "local", "--wait",
         "--data", str(dated_pack), "--out", str(run), *options(1, 16),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "next-window fake_accuracy mean" in result.stdout  # --wait ran cv-report
     jobs = json.loads((run / "jobs.json").read_text())
-    assert jobs["by"] == "time" and jobs["window"] == 2 and jobs["windows"] == [["gen3", "gen2"], ["gen4", "gen1"]]
-    summary = json.loads((run / "cv_summary.json").read_text())
+    assert jobs["by"] == "time" and jobs["window"] == 1 and jobs["windows"] == [[s] for s in ORDER]
+    task_config = yaml.safe_load((run / "time-0" / "config.yaml").read_text())
+    config = task_config["data"]
+    assert config["train_sources"] == ["gen3"] and config["test_sources"] == ["gen2", "gen4", "gen1"]
+    summary, manifest = json.loads((run / "cv_summary.json").read_text()), read_manifest(dated_pack)
     matrix = summary["time"]
-    assert summary["n_tasks"] == 1 and not summary["missing"] and list(matrix["sources"]) == ["w0..w0->w1"]
-    row, manifest = matrix["sources"]["w0..w0->w1"], read_manifest(dated_pack)
-    assert row["folder"] == "time-0" and matrix["dates"] == DATES and matrix["columns"] == list(HOLDOUT_COLUMNS)
-    assert row["real"] == manifest["splits"]["test"]["real"]
-    assert row["fake"] == sum(manifest["sources"]["fake"][s]["total"] for s in ("gen4", "gen1"))
+    assert summary["n_tasks"] == 3 and not summary["missing"] and matrix["dates"] == DATES
+    assert {row: list(cells) for row, cells in matrix["cells"].items()} == {
+        "w0..w0": ["w1", "w2", "w3"],
+        "w0..w1": ["w2", "w3"],
+        "w0..w2": ["w3"],
+    }
+    cell = matrix["cells"]["w0..w0"]["w2"]  # trained on gen3, tested on gen4: off the next-window diagonal
+    assert cell == pytest.approx(cell_by_hand(run / "time-0", "gen4"), nan_ok=True)
+    assert (
+        cell["real"] == manifest["splits"]["test"]["real"]
+        and cell["fake"] == manifest["sources"]["fake"]["gen4"]["total"]
+    )
+    next_window = {
+        f"w0..w{i}->w{i + 1}": matrix["cells"][f"w0..w{i}"][f"w{i + 1}"] | {"folder": f"time-{i}"} for i in range(3)
+    }
+    assert matrix["sources"] == next_window and matrix["columns"] == list(HOLDOUT_COLUMNS)
+    assert matrix["mean"]["auroc"] == pytest.approx(sum(row["auroc"] for row in next_window.values()) / 3)
+    last = json.loads((run / "time-2" / "test_metrics.json").read_text())  # its test: reals and window 3 only
+    assert matrix["cells"]["w0..w2"]["w3"] == pytest.approx({key: last[key] for key in cell}, nan_ok=True)
     metrics = json.loads((run / "time-0" / "test_metrics.json").read_text())
-    assert set(metrics["per_source"]["sources"]) == {"art", "photo", "gen4", "gen1"}
+    assert set(metrics["per_source"]["sources"]) == {"art", "photo", "gen2", "gen4", "gen1"}
     evaluated = run_cli("evaluate", str(run / "time-0" / "best.pt"), "--data", str(dated_pack), "--out", str(run))
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # the checkpoint's test: its window's sources
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # the checkpoint's test: every later window
     counts = {name: row["n"] for name, row in metrics["per_source"]["sources"].items()}
     evaluated_sources = json.loads((run / "eval_test.json").read_text())["per_source"]["sources"]
     assert {name: row["n"] for name, row in evaluated_sources.items()} == counts
     assert_png(run / "cv_time.png")
-    assert "time-0" in status(run) and "done: test accuracy" in status(run)
+    assert "time-2" in status(run) and "done: test accuracy" in status(run)
     written = (run / "cv_summary.json").read_text()
     (run / "jobs.json").unlink()  # as an sbatch run has none: the windows come from the task's config
     cv_report(run)
     assert (run / "cv_summary.json").read_text() == written
+    config["test_sources"] = ["gen2"]  # as a task tested on the next window only: no cells beyond it
+    (run / "time-0" / "config.yaml").write_text(yaml.safe_dump(task_config))
+    assert list(cv_report(run)["time"]["cells"]["w0..w0"]) == ["w1"]
+
+
+def cell_by_hand(folder: Path, generator: str) -> dict[str, float]:
+    """The metrics of a task's checkpoint on the real test images and ``generator``'s, from its score file."""
+    scores = {
+        key: np.asarray(values) for key, values in read_scores(folder / "scores_test.parquet").to_pydict().items()
+    }
+    chosen = (scores["label"] == 0) | (scores["source"] == generator)
+    fake, logit = scores["label"][chosen] == 1, scores["logit"][chosen]
+    said_fake = logit >= 0  # sigmoid(logit) >= 0.5
+    return {
+        "accuracy": float(np.mean(fake == said_fake)),
+        "real_accuracy": float(np.mean(~said_fake[~fake])),
+        "fake_accuracy": float(np.mean(said_fake[fake])),
+        "auroc": roc_auc_score(fake, logit),
+        "ap": average_precision_score(fake, logit),
+        "real": int(np.sum(~fake)),
+        "fake": int(np.sum(fake)),
+    }
 
 
 def test_time_task_names_each_array_task_s_folder_and_sources(dated_pack: Path) -> None:
@@ -140,7 +183,7 @@ def test_time_task_names_each_array_task_s_folder_and_sources(dated_pack: Path) 
     assert result.stdout.split("\t") == [
         "time-1",
         'data.train_sources=["gen3", "gen2"]',
-        'data.test_sources=["gen4"]\n',
+        'data.test_sources=["gen4", "gen1"]\n',  # every later window
     ]
     beyond = run_cli("time-task", "3", "--window", "1", "--data", str(dated_pack))  # 4 windows: tasks 0-2
     assert beyond.returncode == 2 and "has windows 0..3, tasks 0..2" in beyond.stderr and not beyond.stdout
@@ -153,8 +196,11 @@ def test_cv_sbatch_by_time_trains_the_task_s_windows(dated_pack: Path, tmp_path:
     job = submit("--array=1", by_time, sbatch, str(run), "--data", str(dated_pack), *options(1, 16), cwd=tmp_path)
     assert wait_for(f"{job}_1", {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     config = yaml.safe_load((run / "time-1" / "config.yaml").read_text())
-    assert config["data"]["train_sources"] == ["gen3", "gen2"] and config["data"]["test_sources"] == ["gen4"]
+    assert config["data"]["train_sources"] == ["gen3", "gen2"] and config["data"]["test_sources"] == ["gen4", "gen1"]
     assert config["wandb"]["job_type"] == "time-1"
     summary = cv_report(run)  # no jobs.json: the windows come from the task's config and the pack
     assert summary["time"]["windows"] == [[s] for s in ORDER] and summary["missing"] == ["time-0", "time-2"]
-    assert list(summary["time"]["sources"]) == ["w0..w1->w2"]
+    assert list(summary["time"]["sources"]) == ["w0..w1->w2"] and list(summary["time"]["cells"]["w0..w1"]) == [
+        "w2",
+        "w3",
+    ]

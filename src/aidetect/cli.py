@@ -349,7 +349,7 @@ def submit_cv_arguments(parser: argparse.ArgumentParser) -> None:
         default="fold",
         help="fold: one job per fold; source: leave-one-source-out, one job per fake source of the pack, "
         "trained without it and tested on it (RUN/holdout-SOURCE); time: the pack's generators by release date "
-        "in windows of --window, job i trained on windows 0..i and tested on window i+1 (RUN/time-i)",
+        "in windows of --window, job i trained on windows 0..i and tested on each later window (RUN/time-i)",
     )
     window = defaults_of(submit_chrono)["window"]
     parser.add_argument("--window", type=int, help=f"generators per window, --by time only (default {window})")
@@ -477,7 +477,7 @@ def holdout_task_arguments(parser: argparse.ArgumentParser) -> None:
 def time_task_arguments(parser: argparse.ArgumentParser) -> None:
     from aidetect.cluster.submit import submit_chrono
 
-    parser.add_argument("index", type=int, help="the array task: trained on windows 0..INDEX, tested on INDEX+1")
+    parser.add_argument("index", type=int, help="the array task: trained on windows 0..INDEX, tested on the later ones")
     window = defaults_of(submit_chrono)["window"]
     parser.add_argument("--window", type=int, default=window, help="generators per window")
     add_train_options(parser)

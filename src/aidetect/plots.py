@@ -106,26 +106,46 @@ HOLDOUT_TITLES = {
 }
 
 
-def holdout_matrix(
-    matrix: dict,
-    path: Path,
-    title: str = "Leave-one-source-out: trained without the source",
-    ylabel: str = "held-out fake source (test n real+fake)",
-) -> Path:
+def holdout_matrix(matrix: dict, path: Path) -> Path:
     """Heat map of a leave-one-source-out matrix (``cluster.report.holdout_matrix``): a row per held-out fake
-    source (or per chronological task, with its ``title`` and ``ylabel``), then its mean and minimum rows; a
-    column per metric; every cell written out, coloured from red (0) to green (1)."""
+    source, then its mean and minimum rows; a column per metric (``heat_map``)."""
     columns, sources = matrix["columns"], matrix["sources"]
     labels = [f"{name} (n={row['real']}+{row['fake']})" for name, row in sources.items()] + ["mean", "minimum"]
     values = np.array([[row[key] for key in columns] for row in [*sources.values(), matrix["mean"], matrix["min"]]])
     figure, axis = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.45 * len(labels) + 1.5))
+    heat_map(axis, values, [HOLDOUT_TITLES.get(key, key) for key in columns], labels)
+    axis.axhline(len(sources) - 0.5, color="black", linewidth=2)  # sources above, their summary below
+    axis.set(ylabel="held-out fake source (test n real+fake)", title="Leave-one-source-out: trained without the source")
+    return save(figure, path)
+
+
+def heat_map(axis: plt.Axes, values: np.ndarray, columns: list[str], rows: list[str]) -> None:
+    """``values`` (rows x columns) on ``axis`` coloured from red (0) to green (1), each cell written out to 3
+    decimals; a NaN cell is left blank."""
     axis.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for (row, column), value in np.ndenumerate(values):
-        axis.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=9)
-    axis.axhline(len(sources) - 0.5, color="black", linewidth=2)  # sources above, their summary below
-    axis.set_xticks(range(len(columns)), [HOLDOUT_TITLES.get(key, key) for key in columns])
-    axis.set_yticks(range(len(labels)), labels)
-    axis.set(ylabel=ylabel, title=title)
+        if not np.isnan(value):
+            axis.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=9)
+    axis.set_xticks(range(len(columns)), columns)
+    axis.set_yticks(range(len(rows)), rows)
+
+
+TIME_PANELS = ("fake_accuracy", "auroc")  # the metrics time_matrix draws, a panel each
+
+
+def time_matrix(matrix: dict, path: Path, title: str) -> Path:
+    """Heat maps of a chronological run's train-window x test-window matrix (``cluster.report.time_report``),
+    one panel per metric of ``TIME_PANELS``: a row per task ("trained w0..wI"), a column per test window ("test wJ",
+    J >= 1); the cells below the diagonal (J <= I, windows trained on) are blank."""
+    cells, count = matrix["cells"], len(matrix["windows"])
+    columns = [f"w{j}" for j in range(1, count)]
+    size = (3.2 + 1.1 * len(columns), 0.5 * len(cells) + 2)
+    figure, axes = plt.subplots(1, len(TIME_PANELS), figsize=(size[0] * len(TIME_PANELS), size[1]), squeeze=False)
+    for axis, key in zip(axes[0], TIME_PANELS, strict=True):
+        values = np.array([[row[c][key] if c in row else np.nan for c in columns] for row in cells.values()])
+        heat_map(axis, values, [f"test {c}" for c in columns], [f"trained {name}" for name in cells])
+        axis.set(title=HOLDOUT_TITLES.get(key, key))
+    figure.suptitle(title)
     return save(figure, path)
 
 

@@ -15,16 +15,19 @@ from typing import Any
 import numpy as np
 
 from aidetect import plots
+from aidetect.calibration import apply_temperature
 from aidetect.cluster.submit import JOBS_FILE, load_jobs, time_folder
 from aidetect.config import load_config
 from aidetect.data.manifest import chrono_windows, fake_sources, read_manifest, source_dates
 from aidetect.errors import UserError
 from aidetect.fileio import atomic_write_json
-from aidetect.metrics import METRIC_KEYS
+from aidetect.metrics import METRIC_KEYS, Predictions, compute_metrics
+from aidetect.scores import read_scores
 from aidetect.tracking import Tracker
 
 THRESHOLD_KEYS = ("val_threshold", "accuracy_at_val_threshold", "balanced_accuracy_at_val_threshold")
 HOLDOUT_COLUMNS = ("accuracy", "ap", "auroc", "real_accuracy", "fake_accuracy")
+ROW_KEYS = (*HOLDOUT_COLUMNS, "real", "fake")  # a row of a holdout matrix, a cell of a chronological one
 RUN_FOLDERS = {"source": "holdout-*/config.yaml", "time": "time-*/config.yaml"}  # a run's tasks, by cv kind
 
 
@@ -104,14 +107,20 @@ def holdout_report(run: Path) -> dict[str, Any]:
 
 def holdout_matrix(folders: dict[str, Path]) -> dict[str, Any]:
     """The ``holdout`` matrix of ``holdout_report`` from each held-out source's run folder (rows in the order
-    of ``folders``; ``time_report``'s from each task's)."""
+    of ``folders``)."""
     rows = {}
     for source in folders:
         metrics = json.loads((folders[source] / "test_metrics.json").read_text())
-        rows[source] = {key: metrics[key] for key in (*HOLDOUT_COLUMNS, "real", "fake")}
+        rows[source] = {key: metrics[key] for key in ROW_KEYS}
         if "intervals" in metrics:  # each run's own test set: its own bootstrap intervals
             rows[source]["intervals"] = {k: v for k, v in metrics["intervals"].items() if k in HOLDOUT_COLUMNS}
         rows[source]["folder"] = folders[source].name
+    return rows_summary(rows)
+
+
+def rows_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"columns", "sources": rows, "mean", "min", "argmin"}``: each ``HOLDOUT_COLUMNS`` key's mean, minimum
+    and the row of the minimum over ``rows`` (name -> a dict with every such key)."""
     values = {key: np.array([row[key] for row in rows.values()], dtype=float) for key in HOLDOUT_COLUMNS}
     return {
         "columns": list(HOLDOUT_COLUMNS),
@@ -128,37 +137,72 @@ def time_report(run: Path) -> dict[str, Any]:
         {"by": "time", "n_tasks": finished tasks, "missing": expected task folders without test metrics,
          "time": {"window": generators per window, "windows": [[source, ...], ...] oldest first,
                   "dates": {source: release date}, "columns": HOLDOUT_COLUMNS,
-                  "sources": {"w0..wI->wJ": {column: ..., "real": n, "fake": n, "folder": "time-I"}},
+                  "cells": {"w0..wI": {"wJ": {column: ..., "real": n, "fake": n}}},
+                  "sources": {"w0..wI->wJ": cells["w0..wI"]["wJ"] | {"folder": "time-I"}} (J = I+1),
                   "mean": {column: ...}, "min": {column: ...}, "argmin": {column: row}}}
 
-    Row ``w0..wI->wJ`` (J = I+1) holds the test metrics of task I, trained on the generators of windows
-    0..I and tested on the real test samples and every sample of window J's generators. Plots
-    ``cv_time.png`` (a heat map as ``cv_holdout.png``) and logs all of it to wandb."""
+    ``cells`` is the train-window x test-window matrix: cell (I, J), J > I, holds the metrics of task I's
+    checkpoint (trained on the generators of windows 0..I) on the real test samples and every sample of
+    window J's generators, computed from its per-image scores (``time_cells``); a window that the task
+    did not test on has no cell. ``sources`` are the next-window cells (AI-GenBench's protocol), the
+    headline: mean, minimum and argmin are over them. Plots ``cv_time.png`` (``plots.time_matrix``) and
+    logs all of it to wandb, the cells as its table."""
     found = sorted((p.parent for p in run.glob("time-*/test_metrics.json")), key=task_index)
     if not found:
         raise UserError(f"{run}: no time-*/test_metrics.json yet; are the runs finished? (aidetect status {run})")
     data = load_config(str(found[0] / "config.yaml")).data
     jobs = load_jobs(run) if (run / JOBS_FILE).exists() else {}
     windows = jobs.get("windows") or chrono_windows(data.shards, len(data.train_sources) // (task_index(found[0]) + 1))
-    folders = {time_row(task_index(folder)): folder for folder in found}
+    tasks = {task_index(folder): folder for folder in found}
+    cells = {trained_on(task): time_cells(folder, windows) for task, folder in tasks.items()}
+    next_window = {time_row(i): cells[trained_on(i)][f"w{i + 1}"] | {"folder": f.name} for i, f in tasks.items()}
     dates = source_dates(read_manifest(data.shards))
-    matrix = {"window": len(windows[0]), "windows": windows, "dates": dates} | holdout_matrix(folders)
-    tasks = [time_folder(i) for i in range(len(windows) - 1)]
-    missing = [folder for folder in tasks if not (run / folder / "test_metrics.json").exists()]
+    matrix = {"window": len(windows[0]), "windows": windows, "dates": dates, "cells": cells} | rows_summary(next_window)
+    missing = [time_folder(i) for i in range(len(windows) - 1) if i not in tasks]
     summary = {"by": "time", "n_tasks": len(found), "missing": missing, "time": matrix}
     atomic_write_json(run / "cv_summary.json", summary)
-    title = f"Chronological: trained on windows 0..I of {len(windows[0])} generators, tested on window I+1"
-    paths = {"time": plots.holdout_matrix(matrix, run / "cv_time.png", title, "train->test window (n real+fake)")}
+    title = f"Chronological: trained on windows 0..I of {len(windows[0])} generators, tested on each later one"
+    paths = {"time": plots.time_matrix(matrix, run / "cv_time.png", title)}
     columns = matrix["columns"]
-    table = (["task", *columns], [[name, *(row[k] for k in columns)] for name, row in matrix["sources"].items()])
-    configs = [folder / "config.yaml" for folder in folders.values()]
+    table = (
+        ["trained", "test", *columns],
+        [[name, test, *(cell[k] for k in columns)] for name, row in cells.items() for test, cell in row.items()],
+    )
+    configs = [folder / "config.yaml" for folder in found]
     log_to_wandb(run, configs, holdout_wandb_values(matrix, "cv/time"), paths, table)
     return summary
 
 
+def time_cells(folder: Path, windows: list[list[str]]) -> dict[str, dict[str, float]]:
+    """Row ``trained_on(I)`` of the chronological matrix from task folder ``time-I``: for each later window J
+    whose generators the task tested on (its config's ``data.test_sources``), ``{"wJ": {column: ..., "real":
+    n, "fake": n}}``, the ``compute_metrics`` (threshold 0.5, as test_metrics.json) of the scores in its
+    ``scores_test.parquet`` of every real image and the fakes of window J's generators. The probability is
+    ``sigmoid(logit)``, the uncalibrated one test_metrics.json's figures are of (the file's ``prob_fake``
+    carries the checkpoint's temperature). ``UserError`` when the scores file is missing."""
+    scores = read_scores(folder / "scores_test.parquet")
+    labels = scores.column("label").to_numpy().astype(np.int64)
+    sources = np.asarray(scores.column("source").to_pylist())
+    probabilities = apply_temperature(scores.column("logit").to_numpy(), None)
+    tested = set(load_config(str(folder / "config.yaml")).data.test_sources or ())
+    cells = {}
+    for later in range(task_index(folder) + 1, len(windows)):
+        if not tested.issuperset(windows[later]):  # a run made when tasks tested on the next window only
+            continue
+        chosen = (labels == 0) | np.isin(sources, windows[later])
+        metrics = compute_metrics(Predictions(probabilities[chosen].tolist(), labels[chosen].tolist()))
+        cells[f"w{later}"] = {key: metrics[key] for key in ROW_KEYS}
+    return cells
+
+
+def trained_on(task: int) -> str:
+    """The matrix row of chronological task ``task``: trained on windows 0..task."""
+    return f"w0..w{task}"
+
+
 def time_row(task: int) -> str:
-    """The matrix row of chronological task ``task``: trained on windows 0..task, tested on window task+1."""
-    return f"w0..w{task}->w{task + 1}"
+    """The next-window row of chronological task ``task``: trained on windows 0..task, tested on window task+1."""
+    return f"{trained_on(task)}->w{task + 1}"
 
 
 def task_index(folder: Path) -> int:

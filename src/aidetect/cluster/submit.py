@@ -203,7 +203,8 @@ def submit_chrono(
     """The chronological protocol: the pack's fake sources by release date in windows of ``window``
     (``chrono_windows``), and one job array with one task per window but the last: task i trains on the
     generators of windows 0..i (``data.train_sources``, validation fold as configured) and tests on those
-    of window i+1 (``data.test_sources``) in ``RUN/time_folder(i)``, job_type the folder's name. jobs.json
+    of every later window, i+1 to the last (``data.test_sources``), in ``RUN/time_folder(i)``, job_type the
+    folder's name (cv-report cuts its scores into one cell per later window). jobs.json
     records ``by: time``, ``window`` and ``windows``. ``UserError`` when a fake source has no date, there
     are fewer than 2 windows, or the config already chooses sources."""
     config = prepare(config, profile)
@@ -216,13 +217,14 @@ def submit_chrono(
 
 
 def chrono_data(data: DataConfig, windows: list[list[str]], task: int) -> DataConfig:
-    """``data`` for chronological task ``task``: train on windows 0..task, test on window task+1."""
+    """``data`` for chronological task ``task``: train on windows 0..task, test on every later window."""
     trained = [source for chosen in windows[: task + 1] for source in chosen]
-    return replace(data, train_sources=trained, test_sources=list(windows[task + 1]))
+    tested = [source for chosen in windows[task + 1 :] for source in chosen]
+    return replace(data, train_sources=trained, test_sources=tested)
 
 
 def time_folder(task: int) -> str:
-    """The sub-folder of chronological task ``task``: trained on windows 0..task, tested on window task+1."""
+    """The sub-folder of chronological task ``task``: trained on windows 0..task, tested on every later one."""
     return f"time-{task}"
 
 
